@@ -1,0 +1,298 @@
+"""Blob: the N-D ``data``/``diff`` array pair that flows between layers.
+
+A blob owns two flat buffers of ``capacity`` elements.  ``data`` and ``diff``
+are views of the first ``count`` elements in the blob's current shape, so
+``blob.data[...] = x`` writes in place, as in pycaffe.  Buffers are allocated
+on first use (a diff that nothing reads is never allocated) and reshaping
+reallocates only when the new count exceeds the capacity, as Caffe's
+``Blob::Reshape`` does.  The array module (``xp``: numpy or cupy) travels with
+the blob so the same layer code runs on either.
+"""
+import numpy
+
+from . import backend
+from .errors import ShapeError, WeightsError
+
+MAX_BLOB_AXES = 32
+
+
+class Blob:
+    """An N-D array pair (data, diff), float32 unless asked otherwise.
+
+    >>> b = Blob((2, 3, 4, 5))
+    >>> b.count(), b.count(1), b.num, b.channels
+    (120, 60, 2, 3)
+    """
+
+    def __init__(self, shape=(), dtype=numpy.float32, xp=None):
+        self.xp = xp if xp is not None else backend.default_xp()
+        self.dtype = numpy.dtype(dtype)
+        self._shape = ()
+        self._count = 1
+        self._data_buf = None
+        self._diff_buf = None
+        self.reshape(shape)
+
+    # -- shape --------------------------------------------------------------
+    @property
+    def shape(self):
+        """The shape as a tuple of ints."""
+        return self._shape
+
+    def reshape(self, *shape):
+        """Change the shape; accepts ``reshape(2, 3)`` or ``reshape((2, 3))``
+        or a BlobShape message.  Memory is kept when it is large enough."""
+        if len(shape) == 1 and not isinstance(shape[0], (int, numpy.integer)):
+            shape = shape[0]
+            if hasattr(shape, "dim"):
+                shape = list(shape.dim)
+        shape = tuple(int(d) for d in shape)
+        if len(shape) > MAX_BLOB_AXES:
+            raise ShapeError("blob shape %s has more than %d axes" % (shape, MAX_BLOB_AXES))
+        for d in shape:
+            if d < 0:
+                raise ShapeError("blob shape %s has a negative dimension" % (shape,))
+        count = 1
+        for d in shape:
+            count *= d
+        self._shape = shape
+        self._count = count
+        return self
+
+    def reshape_like(self, other):
+        return self.reshape(other.shape)
+
+    @property
+    def num_axes(self):
+        return len(self._shape)
+
+    @property
+    def ndim(self):
+        return len(self._shape)
+
+    def count(self, start=None, end=None):
+        """Number of elements, or the product of dims ``start:end``."""
+        if start is None and end is None:
+            return self._count
+        start = 0 if start is None else self.canonical_axis_index(start) if start < 0 else start
+        end = self.num_axes if end is None else end
+        n = 1
+        for d in self._shape[start:end]:
+            n *= d
+        return n
+
+    @property
+    def size(self):
+        return self._count
+
+    def canonical_axis_index(self, axis):
+        """Map a possibly negative axis to 0..num_axes-1 (Caffe's check)."""
+        n = self.num_axes
+        if not -n <= axis < max(n, 1):
+            raise ShapeError("axis %d out of range for a %d-D blob of shape %s" % (axis, n, self._shape))
+        return axis + n if axis < 0 else axis
+
+    def legacy_shape(self, index):
+        """Caffe's LegacyShape: 1 for axes outside a blob of up to 4 axes."""
+        if self.num_axes > 4:
+            raise ShapeError("legacy accessors need a blob of at most 4 axes, got %s" % (self._shape,))
+        if index >= self.num_axes or index < -self.num_axes:
+            return 1
+        return self._shape[index]
+
+    @property
+    def num(self):
+        return self.legacy_shape(0)
+
+    @property
+    def channels(self):
+        return self.legacy_shape(1)
+
+    @property
+    def height(self):
+        return self.legacy_shape(2)
+
+    @property
+    def width(self):
+        return self.legacy_shape(3)
+
+    # -- storage ------------------------------------------------------------
+    def _alloc(self):
+        return self.xp.zeros(max(self._count, 1), dtype=self.dtype)
+
+    @property
+    def data(self):
+        """The values, an array of ``shape`` that layers and users write in place."""
+        if self._data_buf is None or self._data_buf.size < self._count:
+            self._data_buf = self._alloc()
+        return self._data_buf[: self._count].reshape(self._shape)
+
+    @data.setter
+    def data(self, value):
+        self.data[...] = value
+
+    @property
+    def diff(self):
+        """The gradient with respect to the values, same shape as ``data``."""
+        if self._diff_buf is None or self._diff_buf.size < self._count:
+            self._diff_buf = self._alloc()
+        return self._diff_buf[: self._count].reshape(self._shape)
+
+    @diff.setter
+    def diff(self, value):
+        self.diff[...] = value
+
+    @property
+    def has_diff(self):
+        """True once the diff buffer exists."""
+        return self._diff_buf is not None
+
+    def share_data(self, other):
+        """Use ``other``'s data buffer (counts must match), as Caffe's ShareData."""
+        if self._count != other._count:
+            raise ShapeError("share_data needs equal counts: %s vs %s" % (self._shape, other._shape))
+        other.data  # make sure it exists
+        self._data_buf = other._data_buf
+
+    def share_diff(self, other):
+        """Use ``other``'s diff buffer (counts must match)."""
+        if self._count != other._count:
+            raise ShapeError("share_diff needs equal counts: %s vs %s" % (self._shape, other._shape))
+        other.diff
+        self._diff_buf = other._diff_buf
+
+    def shares_data_with(self, other):
+        return self._data_buf is not None and self._data_buf is other._data_buf
+
+    def to(self, xp):
+        """Move the buffers to another array module (numpy <-> cupy)."""
+        if xp is self.xp:
+            return self
+        for name in ("_data_buf", "_diff_buf"):
+            buf = getattr(self, name)
+            if buf is not None:
+                setattr(self, name, xp.asarray(backend.to_numpy(buf)) if xp is not numpy else backend.to_numpy(buf))
+        self.xp = xp
+        return self
+
+    # -- arithmetic used by solvers and checks ------------------------------
+    def update(self):
+        """``data -= diff`` (the solver puts the whole step into diff)."""
+        self.data[...] -= self.diff
+
+    def asum_data(self):
+        return float(self.xp.abs(self.data).sum())
+
+    def asum_diff(self):
+        return float(self.xp.abs(self.diff).sum())
+
+    def sumsq_data(self):
+        d = self.data.ravel()
+        return float(d @ d)
+
+    def sumsq_diff(self):
+        d = self.diff.ravel()
+        return float(d @ d)
+
+    def scale_data(self, factor):
+        self.data[...] *= factor
+
+    def scale_diff(self, factor):
+        self.diff[...] *= factor
+
+    # -- protobuf -----------------------------------------------------------
+    def to_proto(self, proto=None, write_diff=False):
+        """Write into a BlobProto (``shape`` form; double fields for float64)."""
+        from .proto import caffe_pb2
+        proto = proto if proto is not None else caffe_pb2.BlobProto()
+        proto.Clear()
+        proto.shape.dim.extend(self._shape)
+        data = backend.to_numpy(self.data).ravel()
+        if self.dtype == numpy.float64:
+            proto.double_data.extend(data.tolist())
+            if write_diff:
+                proto.double_diff.extend(backend.to_numpy(self.diff).ravel().tolist())
+        else:
+            proto.data.extend(data.astype(numpy.float32).tolist())
+            if write_diff:
+                proto.diff.extend(backend.to_numpy(self.diff).ravel().astype(numpy.float32).tolist())
+        return proto
+
+    def from_proto(self, proto, reshape=True):
+        """Read a BlobProto; legacy num/channels/height/width win when set.
+
+        With ``reshape=False`` the proto's shape must equal this blob's shape
+        (a legacy 4-D proto is compared with the legacy 4-D view, so a
+        (1,1,1,C) bias fits a blob of shape (C,)).
+        """
+        shape = proto_shape(proto)
+        if reshape:
+            self.reshape(shape)
+        elif not shape_equals(proto, self._shape):
+            raise WeightsError("shape mismatch: stored blob has shape %s, target blob has shape %s"
+                               % (describe_proto_shape(proto), self._shape))
+        values = proto_values(proto, "data")
+        if values.size != self._count:
+            raise WeightsError("stored blob has %d values for shape %s (%d expected)"
+                               % (values.size, describe_proto_shape(proto), self._count))
+        self.data[...] = self.xp.asarray(values.reshape(self._shape), dtype=self.dtype)
+        diff = proto_values(proto, "diff")
+        if diff.size == self._count and diff.size:
+            self.diff[...] = self.xp.asarray(diff.reshape(self._shape), dtype=self.dtype)
+        return self
+
+    def __repr__(self):
+        return "Blob(shape=%s, dtype=%s)" % (self._shape, self.dtype.name)
+
+
+def _is_legacy(proto):
+    return (proto.HasField("num") or proto.HasField("channels")
+            or proto.HasField("height") or proto.HasField("width"))
+
+
+def proto_shape(proto):
+    """The shape a BlobProto describes (legacy 4-D fields win if any is set)."""
+    if _is_legacy(proto):
+        return (proto.num, proto.channels, proto.height, proto.width)
+    return tuple(proto.shape.dim)
+
+
+def describe_proto_shape(proto):
+    return str(proto_shape(proto))
+
+
+def shape_equals(proto, shape):
+    """Caffe's Blob::ShapeEquals: legacy protos match the 1-padded 4-D view."""
+    shape = tuple(shape)
+    if _is_legacy(proto):
+        if len(shape) > 4:
+            return False
+        padded = (1,) * (4 - len(shape)) + shape
+        return padded == (proto.num, proto.channels, proto.height, proto.width)
+    return tuple(proto.shape.dim) == shape
+
+
+def proto_values(proto, which="data"):
+    """The values of a BlobProto as a NumPy array (double fields win)."""
+    double = getattr(proto, "double_" + which)
+    if len(double):
+        return numpy.asarray(double, dtype=numpy.float64)
+    return numpy.asarray(getattr(proto, which), dtype=numpy.float32)
+
+
+def array_to_blobproto(arr, diff=None):
+    """pycaffe's ``io.array_to_blobproto``: a BlobProto with ``shape.dim``."""
+    from .proto import caffe_pb2
+    arr = backend.to_numpy(arr)
+    proto = caffe_pb2.BlobProto()
+    proto.shape.dim.extend(arr.shape)
+    proto.data.extend(arr.astype(numpy.float32).ravel().tolist())
+    if diff is not None:
+        proto.diff.extend(backend.to_numpy(diff).astype(numpy.float32).ravel().tolist())
+    return proto
+
+
+def blobproto_to_array(proto, return_diff=False):
+    """pycaffe's ``io.blobproto_to_array`` (legacy 4-D shape when set)."""
+    values = proto_values(proto, "diff" if return_diff else "data")
+    return values.reshape(proto_shape(proto))

@@ -1,0 +1,162 @@
+"""Reading and writing Caffe's files: prototxt, binary protos, HDF5 weights.
+
+Every reader upgrades legacy formats (V0/V1 nets, ``input_dim`` inputs, the
+``solver_type`` enum) the way Caffe does on load, and turns parse failures into
+:class:`~netlib.errors.ParseError` carrying ``file:line:column``.  Writers go
+through :func:`atomic_write`: a temporary file in the target's folder, then
+``os.replace``, so an interrupted write never leaves a half-written file.
+"""
+import contextlib
+import os
+import tempfile
+
+from google.protobuf import message as _message
+from google.protobuf import text_format
+
+from .errors import NetlibFileNotFoundError, ParseError, WeightsError
+from .proto import caffe_pb2
+
+
+def _looks_like_text(source):
+    return "\n" in source or "{" in source or ":" in source and not os.path.exists(source)
+
+
+def read_text_proto(path, message):
+    """Parse the prototxt file ``path`` into ``message`` (raises ParseError)."""
+    if not os.path.isfile(path):
+        raise NetlibFileNotFoundError("%s: no such file" % path)
+    with open(path, "r", encoding="utf-8", errors="replace") as handle:
+        text = handle.read()
+    return parse_text_proto(text, message, path)
+
+
+def parse_text_proto(text, message, path=None):
+    """Parse prototxt ``text`` into ``message``; errors name path:line:column."""
+    try:
+        text_format.Merge(text, message)
+    except text_format.ParseError as exc:
+        line, column = exc.GetLine(), exc.GetColumn()
+        msg = str(exc)
+        prefix = "%s:%s : " % (line, column)
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+        raise ParseError(msg, path, line, column) from None
+    return message
+
+
+def read_binary_proto(path, message):
+    """Parse a binary protobuf file into ``message`` (raises WeightsError)."""
+    if not os.path.isfile(path):
+        raise NetlibFileNotFoundError("%s: no such file" % path)
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        message.ParseFromString(data)
+    except (_message.DecodeError, RuntimeError, ValueError) as exc:
+        raise WeightsError("%s: not a valid binary %s (truncated or corrupt file): %s"
+                           % (path, message.DESCRIPTOR.name, exc)) from None
+    return message
+
+
+def read_net_param(source):
+    """A NetParameter from a path, prototxt text or NetParameter, upgraded."""
+    from .upgrade import upgrade_net
+    if isinstance(source, caffe_pb2.NetParameter):
+        param = caffe_pb2.NetParameter()
+        param.CopyFrom(source)
+        path = None
+    else:
+        source = os.fspath(source)
+        param = caffe_pb2.NetParameter()
+        if os.path.isfile(source):
+            path = source
+            read_text_proto(source, param)
+        elif _looks_like_text(source):
+            path = None
+            parse_text_proto(source, param)
+        else:
+            raise NetlibFileNotFoundError("%s: no such net prototxt file" % source)
+    upgrade_net(param, path)
+    return param
+
+
+def read_solver_param(source):
+    """A SolverParameter from a path, text or message (solver_type upgraded)."""
+    from .upgrade import upgrade_solver
+    if isinstance(source, caffe_pb2.SolverParameter):
+        param = caffe_pb2.SolverParameter()
+        param.CopyFrom(source)
+        path = None
+    else:
+        source = os.fspath(source)
+        param = caffe_pb2.SolverParameter()
+        if os.path.isfile(source):
+            path = source
+            read_text_proto(source, param)
+        elif _looks_like_text(source):
+            path = None
+            parse_text_proto(source, param)
+        else:
+            raise NetlibFileNotFoundError("%s: no such solver file" % source)
+    upgrade_solver(param, path)
+    return param
+
+
+def is_hdf5(path):
+    """True when ``path`` is an HDF5 file (by content, as Caffe's H5Fis_hdf5)."""
+    import h5py
+    try:
+        return bool(h5py.is_hdf5(path))
+    except OSError:
+        return False
+
+
+def read_weights_param(path):
+    """A binary .caffemodel as an upgraded NetParameter (V1 models included)."""
+    from .upgrade import upgrade_net
+    param = read_binary_proto(path, caffe_pb2.NetParameter())
+    upgrade_net(param, path)
+    return param
+
+
+def read_blobproto(path):
+    """A BlobProto file (e.g. a mean .binaryproto)."""
+    return read_binary_proto(path, caffe_pb2.BlobProto())
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Write ``path`` through a temp file in the same folder, then rename.
+
+    Yields the temporary path (for libraries such as h5py that open by name)
+    when ``mode`` is None, else an open file object.  On any error the temp
+    file is removed and ``path`` keeps its previous content.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        if mode is None:
+            os.close(fd)
+            yield tmp
+        else:
+            with os.fdopen(fd, mode) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_binary_proto(path, message):
+    """Serialize ``message`` to ``path`` atomically."""
+    with atomic_write(path) as handle:
+        handle.write(message.SerializeToString())
+
+
+def write_text_proto(path, message):
+    with atomic_write(path, "w") as handle:
+        handle.write(text_format.MessageToString(message))

@@ -1,0 +1,255 @@
+"""Layer base class and the registry of layer types.
+
+The contract is Caffe's.  A layer implements four hooks, the same names a
+pycaffe Python layer uses:
+
+* ``setup(bottom, top)``: once; read parameters, create ``self.blobs``.
+* ``reshape(bottom, top)``: before every forward; shape the tops.
+* ``forward(bottom, top)``: compute ``top[i].data`` from ``bottom[j].data``.
+* ``backward(top, propagate_down, bottom)``: fill ``bottom[j].diff`` for every
+  ``propagate_down[j]`` and accumulate parameter gradients into
+  ``self.blobs[k].diff`` (the net zeroes those before each pass).
+
+The framework drives them through ``SetUp``, ``Forward`` and ``Backward``
+(Caffe's names), which add the bottom/top count checks, loss weights (stored
+in the top's diff, as Caffe does) and the loss sum.
+
+Layers register under their Caffe type string::
+
+    @register_layer("Convolution")
+    class ConvolutionLayer(Layer): ...
+
+A user's layer registers the same way from their own module.
+"""
+import difflib
+
+import numpy
+
+from . import backend
+from .blob import Blob
+from .errors import LayerError, UnknownLayerTypeError
+
+_REGISTRY = {}
+
+# V1LayerParameter.LayerType enum names -> type strings (Caffe's upgrader).
+V1_TYPE_NAMES = {
+    "NONE": "", "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax",
+    "BNLL": "BNLL", "CONCAT": "Concat", "CONTRASTIVE_LOSS": "ContrastiveLoss",
+    "CONVOLUTION": "Convolution", "DATA": "Data", "DECONVOLUTION": "Deconvolution",
+    "DROPOUT": "Dropout", "DUMMY_DATA": "DummyData", "EUCLIDEAN_LOSS": "EuclideanLoss",
+    "ELTWISE": "Eltwise", "EXP": "Exp", "FLATTEN": "Flatten", "HDF5_DATA": "HDF5Data",
+    "HDF5_OUTPUT": "HDF5Output", "HINGE_LOSS": "HingeLoss", "IM2COL": "Im2col",
+    "IMAGE_DATA": "ImageData", "INFOGAIN_LOSS": "InfogainLoss",
+    "INNER_PRODUCT": "InnerProduct", "LRN": "LRN", "MEMORY_DATA": "MemoryData",
+    "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss", "MVN": "MVN",
+    "POOLING": "Pooling", "POWER": "Power", "RELU": "ReLU", "SIGMOID": "Sigmoid",
+    "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss", "SILENCE": "Silence",
+    "SOFTMAX": "Softmax", "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split",
+    "SLICE": "Slice", "TANH": "TanH", "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
+}
+_V1_ALIASES = {v1: name for v1, name in V1_TYPE_NAMES.items() if name}
+
+
+def register_layer(type_name, *aliases):
+    """Class decorator: make ``type_name`` (and aliases) create this class."""
+
+    def decorate(cls):
+        for name in (type_name,) + aliases:
+            _REGISTRY[name] = cls
+        if not getattr(cls, "type", None) or cls.type == Layer.type:
+            cls.type = type_name
+        return cls
+
+    return decorate
+
+
+def layer_type_list():
+    """The registered type strings, sorted (pycaffe's ``caffe.layer_type_list``)."""
+    _load_builtin_layers()
+    return sorted(_REGISTRY)
+
+
+def layer_class(type_name):
+    """The class registered for ``type_name`` (a V1 enum name also works)."""
+    _load_builtin_layers()
+    cls = _REGISTRY.get(type_name)
+    if cls is None and type_name in _V1_ALIASES:
+        cls = _REGISTRY.get(_V1_ALIASES[type_name])
+    if cls is None:
+        close = difflib.get_close_matches(type_name, list(_REGISTRY), n=3, cutoff=0.5)
+        if not close:
+            close = [n for n in _REGISTRY if n.lower() == str(type_name).lower()]
+        hint = (" Did you mean %s?" % " or ".join(repr(c) for c in close)) if close else ""
+        raise UnknownLayerTypeError("unknown layer type %r.%s (%d types are registered; "
+                                    "netlib.layer_type_list() lists them)" % (type_name, hint, len(_REGISTRY)))
+    return cls
+
+
+def create_layer(layer_param, phase=None, dtype=numpy.float32, xp=None):
+    """Instantiate the registered class for ``layer_param.type``."""
+    return layer_class(layer_param.type)(layer_param, phase=phase, dtype=dtype, xp=xp)
+
+
+_loaded = [False]
+
+
+def _load_builtin_layers():
+    if not _loaded[0]:
+        _loaded[0] = True
+        from . import layers  # noqa: F401  (registers the built-in families)
+
+
+class BlobVec(list):
+    """A layer's parameter blobs; ``add_blob(*shape)`` as in pycaffe."""
+
+    def __init__(self, owner=None, items=()):
+        super().__init__(items)
+        self._owner = owner
+
+    def add_blob(self, *shape):
+        owner = self._owner
+        blob = Blob(shape, dtype=owner.dtype if owner else numpy.float32, xp=owner.xp if owner else None)
+        self.append(blob)
+        return blob
+
+
+class Layer:
+    """Base class of every layer.
+
+    Attributes set for subclasses: ``layer_param`` (the LayerParameter, with
+    its ``*_param`` defaults), ``phase`` (0 TRAIN, 1 TEST), ``dtype``, ``xp``
+    (the array module), ``blobs`` (learnable/state parameter blobs) and
+    ``param_propagate_down`` (per blob: compute its gradient or not).
+
+    Blob-count contract, checked by ``SetUp``: set any of the class attributes
+    ``exact_num_bottom_blobs``, ``min_bottom_blobs``, ``max_bottom_blobs`` and
+    the same for tops (``None`` means unchecked).
+    """
+
+    type = "Layer"
+    exact_num_bottom_blobs = None
+    min_bottom_blobs = None
+    max_bottom_blobs = None
+    exact_num_top_blobs = None
+    min_top_blobs = None
+    max_top_blobs = None
+    equal_num_bottom_top_blobs = False
+    auto_top_blobs = False
+
+    def __init__(self, layer_param=None, phase=None, dtype=numpy.float32, xp=None):
+        from .proto import caffe_pb2
+        if layer_param is None:
+            layer_param = caffe_pb2.LayerParameter(type=self.type)
+        self.layer_param = layer_param
+        self.name = layer_param.name
+        if phase is None:
+            phase = layer_param.phase if layer_param.HasField("phase") else caffe_pb2.TEST
+        self.phase = int(phase)
+        self.dtype = numpy.dtype(dtype)
+        self.xp = xp if xp is not None else backend.default_xp()
+        self.blobs = BlobVec(self)
+        self.param_propagate_down = []
+        self._loss_weights = []
+        # Python layers read these (pycaffe sets them before setup).
+        self.param_str = layer_param.python_param.param_str if layer_param.HasField("python_param") else ""
+
+    # -- hooks a layer implements --------------------------------------------
+    def setup(self, bottom, top):
+        """Read parameters and create parameter blobs (Caffe's LayerSetUp)."""
+
+    def reshape(self, bottom, top):
+        """Shape the tops from the bottoms. Called before every forward."""
+        raise NotImplementedError("%s must implement reshape" % type(self).__name__)
+
+    def forward(self, bottom, top):
+        raise NotImplementedError("%s must implement forward" % type(self).__name__)
+
+    def backward(self, top, propagate_down, bottom):
+        """Default: a layer with nothing to propagate (data layers, Silence...)."""
+
+    def allow_force_backward(self, bottom_index):
+        """Whether force_backward may turn on backward to this bottom."""
+        return True
+
+    # -- framework drivers (Caffe's SetUp / Forward / Backward) ---------------
+    def SetUp(self, bottom, top):
+        self.check_blob_counts(bottom, top)
+        self.setup(bottom, top)
+        self.reshape(bottom, top)
+        self.set_loss_weights(top)
+        if len(self.param_propagate_down) != len(self.blobs):
+            self.param_propagate_down = [True] * len(self.blobs)
+
+    def Forward(self, bottom, top):
+        """Reshape, forward, and return the weighted loss of this layer."""
+        self.reshape(bottom, top)
+        self.forward(bottom, top)
+        loss = 0.0
+        for i, weight in enumerate(self._loss_weights):
+            if weight != 0:
+                t = top[i]
+                loss += float((t.data.ravel() * t.diff.ravel()).sum())
+        return loss
+
+    def Backward(self, top, propagate_down, bottom):
+        self.backward(top, propagate_down, bottom)
+
+    # -- helpers ------------------------------------------------------------
+    def default_loss_weight(self, top_index):
+        """Loss weight of a top when the prototxt gives none (loss layers: 1 on top 0)."""
+        return 0.0
+
+    def loss(self, top_index):
+        return self._loss_weights[top_index] if top_index < len(self._loss_weights) else 0.0
+
+    def set_loss_weights(self, top):
+        weights = list(self.layer_param.loss_weight)
+        if weights and len(weights) != len(top):
+            self.fail("loss_weight must be unspecified or specified once per top blob "
+                      "(%d given for %d tops)" % (len(weights), len(top)), top=top)
+        if not weights:
+            weights = [self.default_loss_weight(i) for i in range(len(top))]
+        self._loss_weights = [float(w) for w in weights]
+        for t, w in zip(top, self._loss_weights):
+            if w != 0:
+                t.diff[...] = w
+
+    def check_blob_counts(self, bottom, top):
+        nb, nt = len(bottom), len(top)
+
+        def bad(what, n, rule):
+            self.fail("takes %s %s blob(s), got %d" % (rule, what, n), bottom=bottom)
+
+        if self.exact_num_bottom_blobs is not None and nb != self.exact_num_bottom_blobs:
+            bad("bottom", nb, "exactly %d" % self.exact_num_bottom_blobs)
+        if self.min_bottom_blobs is not None and nb < self.min_bottom_blobs:
+            bad("bottom", nb, "at least %d" % self.min_bottom_blobs)
+        if self.max_bottom_blobs is not None and nb > self.max_bottom_blobs:
+            bad("bottom", nb, "at most %d" % self.max_bottom_blobs)
+        if self.exact_num_top_blobs is not None and nt != self.exact_num_top_blobs:
+            bad("top", nt, "exactly %d" % self.exact_num_top_blobs)
+        if self.min_top_blobs is not None and nt < self.min_top_blobs:
+            bad("top", nt, "at least %d" % self.min_top_blobs)
+        if self.max_top_blobs is not None and nt > self.max_top_blobs:
+            bad("top", nt, "at most %d" % self.max_top_blobs)
+        if self.equal_num_bottom_top_blobs and nb != nt:
+            self.fail("needs as many tops as bottoms (%d bottoms, %d tops)" % (nb, nt), bottom=bottom)
+
+    def describe(self):
+        return "layer %r (type %s)" % (self.name, self.type)
+
+    def fail(self, message, bottom=None, top=None, error=LayerError):
+        """Raise ``error`` with the layer's name, type and blob shapes."""
+        parts = [self.describe() + ": " + message]
+        if bottom is not None:
+            parts.append("bottom shapes %s" % [tuple(b.shape) for b in bottom])
+        if top is not None:
+            parts.append("top shapes %s" % [tuple(t.shape) for t in top])
+        raise error("; ".join(parts))
+
+    def new_blob(self, shape=()):
+        """A blob with this layer's dtype and array module."""
+        return Blob(shape, dtype=self.dtype, xp=self.xp)
+
+    def __repr__(self):
+        return "<%s %r>" % (type(self).__name__, self.name)

@@ -1,0 +1,709 @@
+"""Net: a DAG of layers built from a NetParameter, as Caffe's Net::Init builds it.
+
+Construction, in Caffe's order: read and upgrade the prototxt; filter layers
+by the NetState (phase, level, stages) against their include/exclude rules;
+insert Split layers for blobs consumed more than once (named
+``<blob>_<layer>_<i>_split`` with tops ``..._split_<k>``); create and set up
+each layer in file order (a top named like the bottom of the same index is
+in place); share parameters by ParamSpec name; work out which layers need
+backward (lr_mult, propagate_down, loss contribution, force_backward).
+
+Net outputs are the blobs no layer consumes, **sorted by name** (Caffe keeps
+them in a std::set); net inputs are the tops of Input layers.
+
+The Python face is pycaffe's: ``Net(model, phase)``, ``Net(model, weights,
+phase)``, ``Net(model, phase, level=0, stages=None, weights=None)``;
+``blobs``/``params`` ordered dicts; ``forward(**inputs)`` returning the
+outputs; ``backward(**diffs)``; ``copy_from``, ``save``, ``save_hdf5``.
+"""
+import collections
+import logging
+import os
+
+import numpy
+
+from . import backend
+from .blob import Blob
+from .errors import ConfigError, LayerError, NetlibError, ShapeError, WeightsError
+from .io import is_hdf5, read_net_param, read_weights_param, write_binary_proto, atomic_write
+from .layer import create_layer
+from .proto import caffe_pb2
+
+log = logging.getLogger("netlib")
+
+
+# -- NetState filtering --------------------------------------------------------
+def state_meets_rule(state, rule):
+    """Caffe's Net::StateMeetsRule: every condition the rule sets must hold."""
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    stages = set(state.stage)
+    if any(s not in stages for s in rule.stage):
+        return False
+    if any(s in stages for s in rule.not_stage):
+        return False
+    return True
+
+
+def filter_net(param):
+    """A copy of ``param`` keeping the layers its ``state`` includes."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(param)
+    del out.layer[:]
+    for layer in param.layer:
+        if len(layer.include) and len(layer.exclude):
+            raise ConfigError("layer %r (type %s) specifies both include and exclude rules; use one"
+                              % (layer.name, layer.type))
+        if len(layer.include):
+            keep = any(state_meets_rule(param.state, r) for r in layer.include)
+        else:
+            keep = not any(state_meets_rule(param.state, r) for r in layer.exclude)
+        if keep:
+            out.layer.add().CopyFrom(layer)
+    return out
+
+
+# -- Split insertion -------------------------------------------------------------
+def split_layer_name(layer_name, blob_name, blob_idx):
+    return "%s_%s_%d_split" % (blob_name, layer_name, blob_idx)
+
+
+def split_blob_name(layer_name, blob_name, blob_idx, split_idx):
+    return "%s_%s_%d_split_%d" % (blob_name, layer_name, blob_idx, split_idx)
+
+
+def insert_splits(param):
+    """Caffe's InsertSplits: a Split layer after every top consumed twice or more
+    (a top with a non-zero loss_weight counts as one consumer)."""
+    last_top = {}
+    source_of_bottom = {}
+    consumers = collections.Counter()
+    loss_weight_of = {}
+    for i, layer in enumerate(param.layer):
+        for j, blob in enumerate(layer.bottom):
+            if blob not in last_top:
+                raise ConfigError("layer %r (type %s): unknown bottom blob %r (bottom %d); no earlier "
+                                  "layer produces it" % (layer.name, layer.type, blob, j))
+            source_of_bottom[(i, j)] = last_top[blob]
+            consumers[last_top[blob]] += 1
+        for j, blob in enumerate(layer.top):
+            last_top[blob] = (i, j)
+        for j in range(min(len(layer.loss_weight), len(layer.top))):
+            idx = last_top[layer.top[j]]
+            loss_weight_of[idx] = layer.loss_weight[j]
+            if layer.loss_weight[j]:
+                consumers[idx] += 1
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(param)
+    del out.layer[:]
+    next_split = collections.Counter()
+    for i, layer in enumerate(param.layer):
+        new = out.layer.add()
+        new.CopyFrom(layer)
+        for j in range(len(new.bottom)):
+            src = source_of_bottom[(i, j)]
+            if consumers[src] > 1:
+                src_name = param.layer[src[0]].name
+                new.bottom[j] = split_blob_name(src_name, new.bottom[j], src[1], next_split[src])
+                next_split[src] += 1
+        for j, blob in enumerate(new.top):
+            idx = (i, j)
+            count = consumers[idx]
+            if count > 1:
+                split = caffe_pb2.LayerParameter(name=split_layer_name(layer.name, blob, j), type="Split")
+                split.bottom.append(blob)
+                weight = loss_weight_of.get(idx, 0.0)
+                for k in range(count):
+                    split.top.append(split_blob_name(layer.name, blob, j, k))
+                    if weight:
+                        split.loss_weight.append(weight if k == 0 else 0.0)
+                out.layer.add().CopyFrom(split)
+                if weight:
+                    new.ClearField("loss_weight")
+                    next_split[idx] += 1
+    return out
+
+
+def _parse_phase(phase):
+    if phase is None:
+        return None
+    if isinstance(phase, str):
+        name = phase.upper()
+        if name not in ("TRAIN", "TEST"):
+            raise ConfigError("phase must be TRAIN or TEST, got %r" % phase)
+        return caffe_pb2.Phase.Value(name)
+    if int(phase) not in (caffe_pb2.TRAIN, caffe_pb2.TEST):
+        raise ConfigError("phase must be netlib.TRAIN (0) or netlib.TEST (1), got %r" % (phase,))
+    return int(phase)
+
+
+class Net:
+    """A network built from a prototxt path, prototxt text or NetParameter.
+
+    pycaffe forms: ``Net(model, phase)``, ``Net(model, weights, phase)`` and
+    ``Net(model, phase, level=0, stages=None, weights=None)``.  ``dtype``
+    (float32 by default; float64 for checks) and ``xp`` (array module) are
+    netlib extras.
+    """
+
+    def __init__(self, model, *args, phase=None, level=0, stages=None, weights=None,
+                 dtype=numpy.float32, xp=None):
+        if len(args) == 1:
+            phase = args[0]
+        elif len(args) == 2:
+            weights, phase = args
+        elif len(args) > 2:
+            raise TypeError("Net(model, phase) or Net(model, weights, phase)")
+        param = read_net_param(model)
+        self.source = model if isinstance(model, (str, os.PathLike)) and os.path.isfile(model) else None
+        phase = _parse_phase(phase)
+        if phase is not None:
+            param.state.phase = phase
+        if level:
+            param.state.level = int(level)
+        if stages:
+            param.state.stage.extend(list(stages))
+        self.dtype = numpy.dtype(dtype)
+        self.xp = xp if xp is not None else backend.default_xp()
+        self._init(param)
+        if weights:
+            for w in (weights.split(",") if isinstance(weights, str) else weights):
+                self.copy_from(w)
+
+    # -- construction ----------------------------------------------------------------
+    def _init(self, in_param):
+        filtered = filter_net(in_param)
+        param = insert_splits(filtered)
+        self.param = param
+        self.name = param.name
+        self.phase = param.state.phase
+        self.debug_info = param.debug_info
+
+        self.layers, self.layer_names = [], []
+        self._blob_list, self._blob_names = [], []
+        self.blobs = collections.OrderedDict()
+        self.bottom_vecs, self.top_vecs = [], []
+        self.bottom_ids, self.top_ids = [], []
+        self.bottom_need_backward = []
+        self.layer_need_backward = []
+        self._input_ids = []
+        blob_need_backward = []
+        name_to_id = {}
+        available = {}  # blob name -> id, in insertion order
+
+        # Parameters.
+        self._param_blobs = []       # every param blob, net order
+        self._param_owner = []       # -1 for owners, else index of the owner
+        self._param_layer_indices = []
+        self._param_display_names = []
+        self._param_names_index = {}
+        self.learnable_params = []
+        self._learnable_param_ids = []
+        self.params_lr, self.params_weight_decay = [], []
+        self._has_params_lr, self._has_params_decay = [], []
+        self.param_id_vecs = []
+
+        for layer_id, lp in enumerate(param.layer):
+            if not lp.HasField("phase"):
+                lp.phase = self.phase
+            if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
+                raise ConfigError("layer %r (type %s): propagate_down must be unset or given once per "
+                                  "bottom (%d values for %d bottoms)"
+                                  % (lp.name, lp.type, len(lp.propagate_down), len(lp.bottom)))
+            try:
+                layer = create_layer(lp, phase=lp.phase, dtype=self.dtype, xp=self.xp)
+            except NetlibError as exc:
+                raise type(exc)("layer %r: %s" % (lp.name, exc)) from None
+            layer.net = self
+            self.layers.append(layer)
+            self.layer_names.append(lp.name)
+            bottoms, bottom_ids, bneed = [], [], []
+            need_backward = False
+            for j, bname in enumerate(lp.bottom):
+                if bname not in available:
+                    raise ConfigError("layer %r (type %s): unknown bottom blob %r (bottom %d)"
+                                      % (lp.name, lp.type, bname, j))
+                bid = available.pop(bname)
+                nb = blob_need_backward[bid]
+                if len(lp.propagate_down):
+                    nb = bool(lp.propagate_down[j])
+                bottoms.append(self._blob_list[bid])
+                bottom_ids.append(bid)
+                bneed.append(nb)
+                need_backward |= blob_need_backward[bid]
+            tops, top_ids = [], []
+            n_auto = 0
+            if layer.auto_top_blobs:
+                need = max(layer.min_top_blobs or 0, layer.exact_num_top_blobs or 0)
+                n_auto = max(0, need - len(lp.top))
+            for j, tname in enumerate(list(lp.top) + ["(automatic)"] * n_auto):
+                if j < len(lp.bottom) and tname == lp.bottom[j]:
+                    tid = bottom_ids[j]  # in place
+                elif tname in name_to_id and tname != "(automatic)":
+                    raise ConfigError("layer %r (type %s): top blob %r is produced by more than one layer"
+                                      % (lp.name, lp.type, tname))
+                else:
+                    tid = len(self._blob_list)
+                    self._blob_list.append(Blob((), dtype=self.dtype, xp=self.xp))
+                    self._blob_names.append(tname)
+                    blob_need_backward.append(False)
+                    if tname != "(automatic)":
+                        name_to_id[tname] = tid
+                        self.blobs[tname] = self._blob_list[tid]
+                    if lp.type == "Input":
+                        self._input_ids.append(tid)
+                available[tname] = tid
+                tops.append(self._blob_list[tid])
+                top_ids.append(tid)
+            self.bottom_vecs.append(bottoms)
+            self.top_vecs.append(tops)
+            self.bottom_ids.append(bottom_ids)
+            self.top_ids.append(top_ids)
+            self.bottom_need_backward.append(bneed)
+
+            self._setup_layer(layer, bottoms, tops)
+
+            default_spec = caffe_pb2.ParamSpec()
+            param_ids = []
+            for k, blob in enumerate(layer.blobs):
+                spec = lp.param[k] if k < len(lp.param) else default_spec
+                pneed = spec.lr_mult != 0
+                need_backward |= pneed
+                layer.param_propagate_down[k] = pneed
+                param_ids.append(self._append_param(layer_id, k, spec))
+            self.param_id_vecs.append(param_ids)
+            self.layer_need_backward.append(need_backward)
+            if need_backward:
+                for tid in top_ids:
+                    blob_need_backward[tid] = True
+
+        self._analyse_backward(param, blob_need_backward)
+        self._blob_need_backward = blob_need_backward
+        self._output_ids = [available[n] for n in sorted(available)]
+        self.layer_dict = collections.OrderedDict(zip(self.layer_names, self.layers))
+        self._layer_index = {n: i for i, n in enumerate(self.layer_names)}
+        self._share_weights()
+
+    def _setup_layer(self, layer, bottoms, tops):
+        try:
+            layer.SetUp(bottoms, tops)
+        except NetlibError:
+            raise
+        except Exception as exc:  # numpy/protobuf errors from inside a layer
+            raise LayerError("%s: setup failed: %s: %s; bottom shapes %s"
+                             % (layer.describe(), type(exc).__name__, exc,
+                                [tuple(b.shape) for b in bottoms])) from exc
+
+    def _append_param(self, layer_id, k, spec):
+        layer = self.layers[layer_id]
+        lp = self.param.layer[layer_id]
+        blob = layer.blobs[k]
+        net_id = len(self._param_blobs)
+        self._param_blobs.append(blob)
+        self._param_layer_indices.append((layer_id, k))
+        display = spec.name if spec.name else str(k)
+        self._param_display_names.append(display)
+        if not spec.name or spec.name not in self._param_names_index:
+            if spec.name:
+                self._param_names_index[spec.name] = net_id
+            self._param_owner.append(-1)
+            self._learnable_param_ids.append(net_id)
+            self.learnable_params.append(blob)
+            self._has_params_lr.append(spec.HasField("lr_mult"))
+            self._has_params_decay.append(spec.HasField("decay_mult"))
+            self.params_lr.append(spec.lr_mult)
+            self.params_weight_decay.append(spec.decay_mult)
+            return net_id
+        owner_id = self._param_names_index[spec.name]
+        self._param_owner.append(owner_id)
+        owner_layer_id, owner_k = self._param_layer_indices[owner_id]
+        owner_blob = self._param_blobs[owner_id]
+        where = ("layer %r (type %s) shares param %r (blob %d) with layer %r"
+                 % (lp.name, lp.type, spec.name, k, self.layer_names[owner_layer_id]))
+        if spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE:
+            if owner_blob.count() != blob.count():
+                raise ShapeError("%s but the counts differ: %s vs %s" % (where, owner_blob.shape, blob.shape))
+        elif tuple(owner_blob.shape) != tuple(blob.shape):
+            raise ShapeError("%s but the shapes differ: %s vs %s (use share_mode: PERMISSIVE to share "
+                             "equal counts)" % (where, owner_blob.shape, blob.shape))
+        learnable = self._learnable_param_ids.index(owner_id)
+        if spec.HasField("lr_mult"):
+            if self._has_params_lr[learnable]:
+                if self.params_lr[learnable] != spec.lr_mult:
+                    raise ConfigError("%s with a different lr_mult (%g vs %g)"
+                                      % (where, spec.lr_mult, self.params_lr[learnable]))
+            else:
+                self._has_params_lr[learnable] = True
+                self.params_lr[learnable] = spec.lr_mult
+        if spec.HasField("decay_mult"):
+            if self._has_params_decay[learnable]:
+                if self.params_weight_decay[learnable] != spec.decay_mult:
+                    raise ConfigError("%s with a different decay_mult (%g vs %g)"
+                                      % (where, spec.decay_mult, self.params_weight_decay[learnable]))
+            else:
+                self._has_params_decay[learnable] = True
+                self.params_weight_decay[learnable] = spec.decay_mult
+        return net_id
+
+    def _share_weights(self):
+        for net_id, owner in enumerate(self._param_owner):
+            if owner >= 0:
+                self._param_blobs[net_id].share_data(self._param_blobs[owner])
+                self._param_blobs[net_id].share_diff(self._param_blobs[owner])
+
+    def _analyse_backward(self, param, blob_need_backward):
+        """Caffe's second, reverse pass plus force_backward."""
+        under_loss, skip_backp = set(), set()
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            contributes, skip = False, True
+            for j, tid in enumerate(self.top_ids[i]):
+                name = self._blob_names[tid]
+                if layer.loss(j) or name in under_loss:
+                    contributes = True
+                if name not in skip_backp:
+                    skip = False
+                if contributes and not skip:
+                    break
+            if self.layer_need_backward[i] and skip:
+                self.layer_need_backward[i] = False
+                self.bottom_need_backward[i] = [False] * len(self.bottom_ids[i])
+            if not contributes:
+                self.layer_need_backward[i] = False
+            for j, bid in enumerate(self.bottom_ids[i]):
+                name = self._blob_names[bid]
+                if contributes:
+                    under_loss.add(name)
+                else:
+                    self.bottom_need_backward[i][j] = False
+                if not self.bottom_need_backward[i][j]:
+                    skip_backp.add(name)
+        if param.force_backward:
+            for i, layer in enumerate(self.layers):
+                self.layer_need_backward[i] = True
+                for j, bid in enumerate(self.bottom_ids[i]):
+                    nb = self.bottom_need_backward[i][j] or layer.allow_force_backward(j)
+                    self.bottom_need_backward[i][j] = nb
+                    blob_need_backward[bid] = blob_need_backward[bid] or nb
+                layer.param_propagate_down = [True] * len(layer.blobs)
+
+    # -- pycaffe-style properties ----------------------------------------------------
+    @property
+    def _layer_names(self):
+        return self.layer_names
+
+    @property
+    def params(self):
+        """Layer name -> list of parameter blobs, for layers that have any."""
+        return collections.OrderedDict((n, l.blobs) for n, l in zip(self.layer_names, self.layers)
+                                       if len(l.blobs))
+
+    @property
+    def inputs(self):
+        return [self._blob_names[i] for i in self._input_ids]
+
+    @property
+    def outputs(self):
+        """Blobs no layer consumes, sorted by name (Caffe's order)."""
+        return [self._blob_names[i] for i in self._output_ids]
+
+    @property
+    def output_blobs(self):
+        return [self._blob_list[i] for i in self._output_ids]
+
+    @property
+    def top_names(self):
+        return collections.OrderedDict((n, [self._blob_names[t] for t in ids])
+                                       for n, ids in zip(self.layer_names, self.top_ids))
+
+    @property
+    def bottom_names(self):
+        return collections.OrderedDict((n, [self._blob_names[b] for b in ids])
+                                       for n, ids in zip(self.layer_names, self.bottom_ids))
+
+    @property
+    def blob_loss_weights(self):
+        weights = collections.OrderedDict((n, 0.0) for n in self.blobs)
+        for layer, ids in zip(self.layers, self.top_ids):
+            for j, tid in enumerate(ids):
+                if layer.loss(j):
+                    weights[self._blob_names[tid]] = layer.loss(j)
+        return weights
+
+    def layer_by_name(self, name):
+        if name not in self._layer_index:
+            raise ConfigError("net %r has no layer named %r" % (self.name, name))
+        return self.layers[self._layer_index[name]]
+
+    def _index_of(self, layer_name):
+        if layer_name not in self._layer_index:
+            raise ConfigError("net %r has no layer named %r" % (self.name, layer_name))
+        return self._layer_index[layer_name]
+
+    # -- running ---------------------------------------------------------------------
+    def forward_from_to(self, start=0, end=None):
+        """Run layers ``start..end`` (inclusive) forward; return their summed loss."""
+        end = len(self.layers) - 1 if end is None else end
+        if not (0 <= start <= len(self.layers)) or end >= len(self.layers):
+            raise ConfigError("forward range %d..%d outside 0..%d" % (start, end, len(self.layers) - 1))
+        loss = 0.0
+        i = start
+        try:
+            for i in range(start, end + 1):
+                loss += self.layers[i].Forward(self.bottom_vecs[i], self.top_vecs[i])
+                if self.debug_info:
+                    self._log_forward(i)
+        except NetlibError:
+            raise
+        except Exception as exc:
+            layer = self.layers[i]
+            raise LayerError("%s: forward failed: %s: %s; bottom shapes %s"
+                             % (layer.describe(), type(exc).__name__, exc,
+                                [tuple(b.shape) for b in self.bottom_vecs[i]])) from exc
+        return loss
+
+    def backward_from_to(self, start=None, end=0):
+        """Run layers ``start`` down to ``end`` (inclusive) backward."""
+        start = len(self.layers) - 1 if start is None else start
+        i = start
+        try:
+            for i in range(start, end - 1, -1):
+                if self.layer_need_backward[i]:
+                    self.layers[i].Backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
+        except NetlibError:
+            raise
+        except Exception as exc:
+            layer = self.layers[i]
+            raise LayerError("%s: backward failed: %s: %s; top shapes %s"
+                             % (layer.describe(), type(exc).__name__, exc,
+                                [tuple(t.shape) for t in self.top_vecs[i]])) from exc
+
+    def _log_forward(self, i):
+        for tid in self.top_ids[i]:
+            blob = self._blob_list[tid]
+            log.info("    [Forward] Layer %s, top blob %s data: %g", self.layer_names[i],
+                     self._blob_names[tid], blob.asum_data() / max(blob.count(), 1))
+
+    def forward_prefilled(self):
+        """Forward the whole net with the inputs already in place; return the loss."""
+        return self.forward_from_to(0, len(self.layers) - 1)
+
+    def forward_backward(self):
+        """Forward then backward over the whole net; return the loss (Caffe's ForwardBackward)."""
+        loss = self.forward_from_to(0, len(self.layers) - 1)
+        self.backward_from_to(len(self.layers) - 1, 0)
+        return loss
+
+    def _forward(self, start, end):
+        return self.forward_from_to(start, end)
+
+    def _backward(self, start, end):
+        return self.backward_from_to(start, end)
+
+    def forward(self, blobs=None, start=None, end=None, **kwargs):
+        """pycaffe's forward: copy ``kwargs`` into the input blobs, run, and
+        return ``{output name: data}`` (views, not copies).  ``start``/``end``
+        are layer names; ``blobs`` lists extra blobs to return."""
+        blobs = list(blobs or [])
+        start_ind = self._index_of(start) if start is not None else 0
+        if end is not None:
+            end_ind = self._index_of(end)
+            outputs = set(self.top_names[end] + blobs)
+        else:
+            end_ind = len(self.layers) - 1
+            outputs = set(self.outputs + blobs)
+        if kwargs:
+            if set(kwargs) != set(self.inputs):
+                raise ConfigError("forward() arguments %s do not match the net inputs %s"
+                                  % (sorted(kwargs), sorted(self.inputs)))
+            for name, value in kwargs.items():
+                target = self.blobs[name]
+                if value.shape[0] != target.shape[0]:
+                    raise ShapeError("input %r has batch size %d but the blob holds %d (shape %s); "
+                                     "reshape the blob first" % (name, value.shape[0], target.shape[0],
+                                                                 target.shape))
+                target.data[...] = self.xp.asarray(value)
+        self.forward_from_to(start_ind, end_ind)
+        return {name: self.blobs[name].data for name in outputs}
+
+    def backward(self, diffs=None, start=None, end=None, **kwargs):
+        """pycaffe's backward: ``kwargs`` are output diffs; returns input diffs."""
+        diffs = list(diffs or [])
+        start_ind = self._index_of(start) if start is not None else len(self.layers) - 1
+        if end is not None:
+            end_ind = self._index_of(end)
+            outputs = set(self.bottom_names[end] + diffs)
+        else:
+            end_ind = 0
+            outputs = set(self.inputs + diffs)
+        if kwargs:
+            if set(kwargs) != set(self.outputs):
+                raise ConfigError("backward() arguments %s do not match the net outputs %s"
+                                  % (sorted(kwargs), sorted(self.outputs)))
+            for name, value in kwargs.items():
+                target = self.blobs[name]
+                if value.shape[0] != target.shape[0]:
+                    raise ShapeError("diff for %r has batch size %d, blob shape is %s"
+                                     % (name, value.shape[0], target.shape))
+                target.diff[...] = self.xp.asarray(value)
+        self.backward_from_to(start_ind, end_ind)
+        return {name: self.blobs[name].diff for name in outputs}
+
+    def reshape(self):
+        """Propagate input shape changes through every layer."""
+        for layer, bottoms, tops in zip(self.layers, self.bottom_vecs, self.top_vecs):
+            layer.reshape(bottoms, tops)
+
+    def set_input_arrays(self, data, labels):
+        """Feed a MemoryData first layer (pycaffe's set_input_arrays)."""
+        layer = self.layers[0]
+        if layer.type != "MemoryData":
+            raise ConfigError("set_input_arrays needs a MemoryData layer first, got %s" % layer.type)
+        layer.reset(data, labels)
+
+    _set_input_arrays = set_input_arrays
+
+    # -- parameters --------------------------------------------------------------------
+    def clear_param_diffs(self):
+        for blob in self.learnable_params:
+            blob.diff[...] = 0
+
+    def update(self):
+        """``data -= diff`` for every learnable parameter."""
+        for blob in self.learnable_params:
+            blob.update()
+
+    def share_trained_layers_with(self, other):
+        """Share parameter data with ``other``'s layers of the same name."""
+        for name, source in zip(other.layer_names, other.layers):
+            if name not in self._layer_index:
+                continue
+            target = self.layers[self._layer_index[name]]
+            if len(target.blobs) != len(source.blobs):
+                raise WeightsError("incompatible number of blobs for layer %r: %d vs %d"
+                                   % (name, len(target.blobs), len(source.blobs)))
+            for j, (t, s) in enumerate(zip(target.blobs, source.blobs)):
+                if tuple(t.shape) != tuple(s.shape):
+                    raise WeightsError("cannot share param %d of layer %r: shape %s vs %s"
+                                       % (j, name, t.shape, s.shape))
+                t.share_data(s)
+
+    share_with = share_trained_layers_with
+
+    def copy_trained_layers_from(self, source):
+        """Copy weights from a NetParameter (matched by layer name; unknown
+        layers are ignored; legacy 4-D blob shapes match as Caffe allows)."""
+        for layer_param in source.layer:
+            name = layer_param.name
+            if name not in self._layer_index:
+                log.debug("Ignoring source layer %s", name)
+                continue
+            target = self.layers[self._layer_index[name]].blobs
+            if len(target) != len(layer_param.blobs):
+                raise WeightsError("incompatible number of blobs for layer %r: the weights have %d, "
+                                   "the net needs %d" % (name, len(layer_param.blobs), len(target)))
+            for j, (blob, proto) in enumerate(zip(target, layer_param.blobs)):
+                try:
+                    blob.from_proto(proto, reshape=False)
+                except WeightsError as exc:
+                    raise WeightsError("cannot copy param %d weights from layer %r: %s. To learn this "
+                                       "layer's parameters from scratch, rename the layer." % (j, name, exc)) from None
+
+    def copy_trained_layers_from_hdf5(self, path):
+        import h5py
+        with h5py.File(path, "r") as f:
+            if "data" not in f:
+                raise WeightsError("%s: HDF5 weights file without a 'data' group" % path)
+            data = f["data"]
+            for name in data:
+                if name not in self._layer_index:
+                    log.debug("Ignoring source layer %s", name)
+                    continue
+                layer_id = self._layer_index[name]
+                target = self.layers[layer_id].blobs
+                group = data[name]
+                if len(group) > len(target):
+                    raise WeightsError("%s: incompatible number of blobs for layer %r: %d stored, %d needed"
+                                       % (path, name, len(group), len(target)))
+                for j, blob in enumerate(target):
+                    key = str(j)
+                    if key not in group:
+                        if self._param_owner[self.param_id_vecs[layer_id][j]] != -1:
+                            continue  # shared: the owner carries it
+                        raise WeightsError("%s: incompatible number of blobs for layer %r: param %d missing"
+                                           % (path, name, j))
+                    values = group[key][()]
+                    if tuple(values.shape) != tuple(blob.shape):
+                        raise WeightsError("%s: cannot copy param %d weights from layer %r; shape mismatch. "
+                                           "Source param shape is %s; target param shape is %s"
+                                           % (path, j, name, tuple(values.shape), tuple(blob.shape)))
+                    blob.data[...] = self.xp.asarray(values, dtype=blob.dtype)
+
+    def copy_from(self, path):
+        """Load weights from a .caffemodel (binary) or HDF5 file (by content)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            from .errors import NetlibFileNotFoundError
+            raise NetlibFileNotFoundError("%s: no such weights file" % path)
+        if is_hdf5(path):
+            try:
+                self.copy_trained_layers_from_hdf5(path)
+            except (OSError, KeyError) as exc:
+                raise WeightsError("%s: unreadable HDF5 weights (truncated or corrupt?): %s" % (path, exc)) from None
+        else:
+            self.copy_trained_layers_from(read_weights_param(path))
+
+    def load_hdf5(self, path):
+        self.copy_trained_layers_from_hdf5(path)
+
+    def to_proto(self, write_diff=False):
+        """A NetParameter with every layer's definition and its blobs."""
+        out = caffe_pb2.NetParameter()
+        out.name = self.name
+        for lp, layer in zip(self.param.layer, self.layers):
+            new = out.layer.add()
+            new.CopyFrom(lp)
+            del new.blobs[:]
+            for blob in layer.blobs:
+                blob.to_proto(new.blobs.add(), write_diff=write_diff)
+        return out
+
+    def save(self, path, write_diff=False):
+        """Write a binary .caffemodel (atomically)."""
+        write_binary_proto(path, self.to_proto(write_diff))
+
+    def save_hdf5(self, path, write_diff=False):
+        """Write Caffe's HDF5 weights: /data/<layer>/<i> (and /diff/...) for
+        every layer; parameters shared from another layer are not written."""
+        import h5py
+        with atomic_write(path, mode=None) as tmp:
+            with h5py.File(tmp, "w") as f:
+                groups = [f.create_group("data")]
+                if write_diff:
+                    groups.append(f.create_group("diff"))
+                for layer_id, (name, layer) in enumerate(zip(self.layer_names, self.layers)):
+                    g_data = groups[0].create_group(name)
+                    g_diff = groups[1].create_group(name) if write_diff else None
+                    for j, blob in enumerate(layer.blobs):
+                        if self._param_owner[self.param_id_vecs[layer_id][j]] != -1:
+                            continue
+                        g_data.create_dataset(str(j), data=backend.to_numpy(blob.data))
+                        if g_diff is not None:
+                            g_diff.create_dataset(str(j), data=backend.to_numpy(blob.diff))
+
+    def layer_states(self):
+        """Positions of stateful layers (data readers), for exact resumes."""
+        return {name: layer.state_dict() for name, layer in zip(self.layer_names, self.layers)
+                if hasattr(layer, "state_dict")}
+
+    def load_layer_states(self, states):
+        for name, state in states.items():
+            if name in self._layer_index and hasattr(self.layers[self._layer_index[name]], "load_state_dict"):
+                self.layers[self._layer_index[name]].load_state_dict(state)
+
+    def __repr__(self):
+        return "<netlib.Net %r: %d layers, %d blobs>" % (self.name, len(self.layers), len(self.blobs))

@@ -1,0 +1,201 @@
+"""Numerical gradient checking for layers (Caffe's GradientChecker, in float64).
+
+Use it to check a layer you wrote yourself::
+
+    from netlib.testing import check_gradient
+    result = check_gradient('type: "ReLU" relu_param { negative_slope: 0.1 }',
+                            bottom_shapes=[(2, 3, 4)])
+    print(result)          # worst relative error and what was checked
+
+The checker builds the layer in float64, runs forward, and takes as objective
+``f = sum_t sum(top_t * R_t)`` with fixed random ``R_t`` (so ``top.diff = R``).
+The analytic gradient from ``backward`` is compared, element by element, with
+the centred difference ``(f(x + h) - f(x - h)) / 2h`` for every bottom that
+propagates and every parameter blob.  An element passes when
+``|analytic - numeric| <= threshold * max(|analytic|, |numeric|, 1)``.
+
+Kink guard: at a non-smooth point (ReLU at 0, max ties, a clip boundary) the
+centred difference is meaningless.  An element is skipped when its one-sided
+differences disagree by more than ``kink_tolerance`` relative to their scale,
+or when it lies within ``kink_range`` of ``kink`` (Caffe's explicit guard).
+Layers that draw random numbers (Dropout) are re-seeded before every forward
+so each evaluation sees the same draws; parameter blobs that forward updates
+(running statistics) are restored before every forward.
+"""
+import numpy
+
+from .blob import Blob
+from .errors import NetlibError
+
+
+class GradientCheckError(NetlibError, AssertionError):
+    """The analytic and numerical gradients disagree."""
+
+
+class GradientCheckResult:
+    """What a check found: ``worst_error`` (relative), ``worst_where``,
+    ``checked`` and ``skipped`` element counts and the list of ``failures``
+    as (where, analytic, numeric) tuples."""
+
+    def __init__(self):
+        self.worst_error = 0.0
+        self.worst_where = None
+        self.checked = 0
+        self.skipped = 0
+        self.failures = []
+
+    @property
+    def ok(self):
+        return not self.failures
+
+    def __repr__(self):
+        return ("GradientCheckResult(ok=%s, worst_error=%.3g at %s, checked=%d, skipped_kinks=%d)"
+                % (self.ok, self.worst_error, self.worst_where, self.checked, self.skipped))
+
+
+def _layer_param(layer):
+    from google.protobuf import text_format
+    from .proto import caffe_pb2
+    if isinstance(layer, caffe_pb2.LayerParameter):
+        return layer
+    text = str(layer)
+    param = caffe_pb2.LayerParameter()
+    try:
+        text_format.Parse(text, param)
+    except text_format.ParseError:
+        net = caffe_pb2.NetParameter()
+        text_format.Parse(text, net)
+        if len(net.layer) != 1:
+            raise ValueError("check_gradient needs exactly one layer, got %d" % len(net.layer))
+        param = net.layer[0]
+    return param
+
+
+def check_gradient(layer, bottom_shapes=None, bottoms=None, params=None, phase="TRAIN",
+                   step=1e-3, threshold=1e-3, kink=None, kink_range=-1.0, kink_tolerance=1e-2,
+                   check_bottoms=None, check_params=True, num_tops=None, seed=1701,
+                   raise_on_failure=True):
+    """Check ``layer``'s backward against centred differences.
+
+    Args:
+        layer: the layer as prototxt text (``type: "X" x_param {...}``, or a
+            one-layer ``layer {...}``) or a LayerParameter.
+        bottom_shapes: shapes of the bottoms, filled with N(0, 1) values.
+        bottoms: explicit bottom arrays (for labels or chosen points) instead.
+        params: optional arrays to load into the layer's blobs after setup.
+        phase: "TRAIN" or "TEST".
+        step, threshold: the difference step h and the relative tolerance.
+        kink, kink_range: skip inputs with ``|x - kink| < kink_range``.
+        kink_tolerance: one-sided differences disagreeing by more than this
+            (relatively) mark a non-smooth point, which is skipped.
+        check_bottoms: indices of bottoms to check (default: every bottom the
+            layer allows backward to).
+        check_params: also check every parameter blob.
+        num_tops: number of tops (default: the layer's ``top`` list, or 1).
+        seed: seed for the objective weights and the layer's random draws.
+        raise_on_failure: raise GradientCheckError listing the worst failures.
+
+    Returns:
+        GradientCheckResult.
+    """
+    from .layer import create_layer
+    from .proto import caffe_pb2
+    from .random import set_random_seed
+
+    param = caffe_pb2.LayerParameter()
+    param.CopyFrom(_layer_param(layer))
+    phase_value = caffe_pb2.TRAIN if str(phase).upper() in ("TRAIN", "0") else caffe_pb2.TEST
+    rng = numpy.random.default_rng(seed)
+    if bottoms is None:
+        bottoms = [rng.standard_normal(tuple(s)) for s in (bottom_shapes or [])]
+    bottom_arrays = [numpy.array(b, dtype=numpy.float64) for b in bottoms]
+    bottom = []
+    for arr in bottom_arrays:
+        blob = Blob(arr.shape, dtype=numpy.float64, xp=numpy)
+        blob.data[...] = arr
+        bottom.append(blob)
+    n_top = num_tops if num_tops is not None else max(len(param.top), 1)
+    top = [Blob((), dtype=numpy.float64, xp=numpy) for _ in range(n_top)]
+
+    set_random_seed(seed)
+    lay = create_layer(param, phase=phase_value, dtype=numpy.float64, xp=numpy)
+    lay.SetUp(bottom, top)
+    if params is not None:
+        for blob, arr in zip(lay.blobs, params):
+            blob.data[...] = numpy.asarray(arr, dtype=numpy.float64)
+    param_snapshot = [b.data.copy() for b in lay.blobs]
+
+    def run_forward():
+        for blob, saved in zip(lay.blobs, param_snapshot):
+            blob.data[...] = saved
+        set_random_seed(seed + 1)
+        lay.Forward(bottom, top)
+
+    run_forward()
+    weights = [rng.standard_normal(t.shape) for t in top]
+
+    def objective():
+        run_forward()
+        return sum(float((t.data * w).sum()) for t, w in zip(top, weights))
+
+    # Analytic gradients.
+    if check_bottoms is None:
+        check_bottoms = [i for i in range(len(bottom)) if lay.allow_force_backward(i)]
+    propagate = [i in check_bottoms for i in range(len(bottom))]
+    for t, w in zip(top, weights):
+        t.diff[...] = w
+    for b in bottom:
+        b.diff[...] = 0
+    for blob in lay.blobs:
+        blob.diff[...] = 0
+    lay.Backward(top, propagate, bottom)
+    targets = [("bottom[%d]" % i, bottom[i], bottom[i].diff.copy()) for i in check_bottoms]
+    if check_params:
+        targets += [("param[%d]" % k, blob, blob.diff.copy())
+                    for k, blob in enumerate(lay.blobs) if lay.param_propagate_down[k]]
+
+    result = GradientCheckResult()
+    f0 = objective()
+    for label, blob, analytic in targets:
+        data = blob.data
+        flat = data.reshape(-1)
+        ana = analytic.reshape(-1)
+        is_param = label.startswith("param")
+        for idx in range(flat.size):
+            x0 = flat[idx]
+            if kink is not None and kink_range > 0 and abs(x0 - kink) < kink_range:
+                result.skipped += 1
+                continue
+            if is_param:
+                param_snapshot[int(label[6:-1])].reshape(-1)[idx] = x0 + step
+            flat[idx] = x0 + step
+            f_plus = objective()
+            if is_param:
+                param_snapshot[int(label[6:-1])].reshape(-1)[idx] = x0 - step
+            flat[idx] = x0 - step
+            f_minus = objective()
+            if is_param:
+                param_snapshot[int(label[6:-1])].reshape(-1)[idx] = x0
+            flat[idx] = x0
+            numeric = (f_plus - f_minus) / (2 * step)
+            right, left = (f_plus - f0) / step, (f0 - f_minus) / step
+            if abs(right - left) > kink_tolerance * max(abs(right), abs(left), 1.0):
+                result.skipped += 1
+                continue
+            a = float(ana[idx])
+            scale = max(abs(a), abs(numeric), 1.0)
+            err = abs(a - numeric) / scale
+            result.checked += 1
+            where = "%s%s" % (label, numpy.unravel_index(idx, data.shape) if data.ndim else "")
+            if err > result.worst_error:
+                result.worst_error, result.worst_where = err, where
+            if err > threshold:
+                result.failures.append((where, a, numeric))
+        objective()  # leave the layer in the unperturbed state
+    if raise_on_failure and result.failures:
+        lines = ["%s: analytic %.6g vs numeric %.6g" % f for f in result.failures[:10]]
+        raise GradientCheckError("gradient check failed for %s (%d of %d elements); worst relative "
+                                 "error %.3g at %s:\n  %s" % (param.type, len(result.failures),
+                                                              result.checked, result.worst_error,
+                                                              result.worst_where, "\n  ".join(lines)))
+    return result

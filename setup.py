@@ -1,0 +1,26 @@
+"""netlib: a Caffe-compatible neural network framework in Python."""
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+setup(
+    name="netlib",
+    version="0.1.0",
+    description="Caffe-compatible neural networks in Python: prototxt, caffemodel, solvers, pycaffe API",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="BSD-2-Clause",
+    python_requires=">=3.10",
+    packages=find_packages(include=["netlib", "netlib.*"]),
+    package_data={"netlib": ["data/*", "data/**/*"]},
+    include_package_data=True,
+    install_requires=["numpy>=1.23", "protobuf>=7.35.1", "h5py>=3.6", "tqdm>=4.60"],
+    extras_require={
+        "test": ["pytest>=7", "grpcio-tools>=1.85"],
+        "gpu": ["cupy-cuda12x"],
+    },
+    entry_points={"console_scripts": ["netlib=netlib.tools.cli:main"]},
+    classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
+)

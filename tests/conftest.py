@@ -1,0 +1,24 @@
+"""Shared fixtures: where ../shared is, and skipping cleanly without it."""
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("NETLIB_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+
+
+def shared_path(*parts):
+    """Path under ../shared; skips the calling test when it is absent."""
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.skip("needs %s (the ../shared reference folder)" % path)
+    return path
+
+
+@pytest.fixture
+def shared():
+    return shared_path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running end-to-end test (still run by .ci/run)")
