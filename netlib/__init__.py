@@ -10,12 +10,18 @@ from .blob import Blob  # noqa: F401
 from .errors import (NetlibError, ParseError, ConfigError, UnknownLayerTypeError,  # noqa: F401
                      LayerError, ShapeError, WeightsError, SolverError)
 from .layer import Layer, register_layer, layer_type_list  # noqa: F401
+from .net import Net  # noqa: F401
 from .random import set_random_seed  # noqa: F401
 
 __version__ = "0.1.0"
 
-try:  # the engine modules arrive one by one while the foundation is built
-    from .net import Net  # noqa: F401
-except ModuleNotFoundError as _exc:  # pragma: no cover
-    if _exc.name != __name__ + ".net":
-        raise
+_SOLVER_NAMES = ("get_solver", "Solver", "SGDSolver", "NesterovSolver", "AdaGradSolver",
+                 "RMSPropSolver", "AdaDeltaSolver", "AdamSolver")
+
+
+def __getattr__(name):
+    # The solvers load on first use: a net-only program never imports them.
+    if name in _SOLVER_NAMES:
+        from . import solver
+        return getattr(solver, name)
+    raise AttributeError("module 'netlib' has no attribute %r" % name)

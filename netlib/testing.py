@@ -142,12 +142,13 @@ def check_gradient(layer, bottom_shapes=None, bottoms=None, params=None, phase="
     if check_bottoms is None:
         check_bottoms = [i for i in range(len(bottom)) if lay.allow_force_backward(i)]
     propagate = [i in check_bottoms for i in range(len(bottom))]
-    for t, w in zip(top, weights):
-        t.diff[...] = w
+    # Zero first: a top may share its diff with a bottom or a param (Flatten, Reshape).
     for b in bottom:
         b.diff[...] = 0
     for blob in lay.blobs:
         blob.diff[...] = 0
+    for t, w in zip(top, weights):
+        t.diff[...] = w
     lay.Backward(top, propagate, bottom)
     targets = [("bottom[%d]" % i, bottom[i], bottom[i].diff.copy()) for i in check_bottoms]
     if check_params:

@@ -320,7 +320,7 @@ def _upgrade_batchnorm(net):
 
 def upgrade_net(net, path=None):
     """Upgrade ``net`` (a NetParameter) in place; returns True if anything changed."""
-    before = net.SerializeToString()
+    before = net.SerializePartialToString()
     if _net_needs_v0_upgrade(net):
         _upgrade_v0(net, path)
     if len(net.layers):
@@ -329,7 +329,7 @@ def upgrade_net(net, path=None):
     if len(net.input) or len(net.input_dim) or len(net.input_shape):
         _upgrade_inputs(net, path)
     _upgrade_batchnorm(net)
-    return net.SerializeToString() != before
+    return net.SerializePartialToString() != before
 
 
 def upgrade_solver(solver, path=None):

@@ -49,13 +49,14 @@ def test_loss_top_consumed_elsewhere_gets_split_with_loss_weight():
     layer { name: "u" type: "ReLU" bottom: "loss" top: "u" }
     """, caffe_pb2.NetParameter())
     out = insert_splits(param)
-    split = out.layer[2]
-    assert split.name == "loss_l_0_split" and list(split.top) == ["loss_l_0_split_0", "loss_l_0_split_1"]
+    assert [l.name for l in out.layer] == ["in", "x_in_0_split", "l", "loss_l_0_split", "u"]
+    split = out.layer[3]
+    assert list(split.top) == ["loss_l_0_split_0", "loss_l_0_split_1"]
     assert list(split.loss_weight) == [2.0, 0.0]
-    assert len(out.layer[1].loss_weight) == 0
-    assert out.layer[3].bottom[0] == "loss_l_0_split_1"
+    assert len(out.layer[2].loss_weight) == 0
+    assert out.layer[4].bottom[0] == "loss_l_0_split_1"   # split 0 carries the loss
     # x feeds one layer twice: two consumers -> split
-    assert list(out.layer[1].bottom) == ["x_in_0_split_0", "x_in_0_split_1"]
+    assert list(out.layer[2].bottom) == ["x_in_0_split_0", "x_in_0_split_1"]
 
 
 def test_outputs_are_sorted_by_name_and_inputs_are_input_tops():

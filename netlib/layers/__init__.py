@@ -1,7 +1,7 @@
 """Built-in layers, one module per family; importing registers them."""
 import importlib
 
-_FAMILIES = ("data", "vision", "neuron", "common", "loss")
+_FAMILIES = ("data", "vision", "neuron", "common", "loss", "normalization")
 
 for _name in _FAMILIES:
     try:
