@@ -135,6 +135,8 @@ class Layer:
     max_top_blobs = None
     equal_num_bottom_top_blobs = False
     auto_top_blobs = False
+    #: Set by the Net: False when backward never runs for this layer.
+    need_backward = True
 
     def __init__(self, layer_param=None, phase=None, dtype=numpy.float32, xp=None):
         from .proto import caffe_pb2

@@ -282,6 +282,8 @@ class Net:
                     blob_need_backward[tid] = True
 
         self._analyse_backward(param, blob_need_backward)
+        for layer, need in zip(self.layers, self.layer_need_backward):
+            layer.need_backward = need  # lets a layer skip forward work only backward uses
         self._blob_need_backward = blob_need_backward
         self._output_ids = [available[n] for n in sorted(available)]
         self.layer_dict = collections.OrderedDict(zip(self.layer_names, self.layers))
