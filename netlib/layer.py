@@ -190,7 +190,7 @@ class Layer:
         for i, weight in enumerate(self._loss_weights):
             if weight != 0:
                 t = top[i]
-                loss += float((t.data.ravel() * t.diff.ravel()).sum())
+                loss += float(self.xp.dot(t.data.ravel(), t.diff.ravel()))  # caffe_cpu_dot
         return loss
 
     def Backward(self, top, propagate_down, bottom):

@@ -436,6 +436,11 @@ class Net:
                     weights[self._blob_names[tid]] = layer.loss(j)
         return weights
 
+    def learnable_param_owner(self, index):
+        """(layer name, blob index) of learnable parameter ``index``."""
+        layer_id, k = self._param_layer_indices[self._learnable_param_ids[index]]
+        return self.layer_names[layer_id], k
+
     def layer_by_name(self, name):
         if name not in self._layer_index:
             raise ConfigError("net %r has no layer named %r" % (self.name, name))
@@ -452,11 +457,11 @@ class Net:
         end = len(self.layers) - 1 if end is None else end
         if not (0 <= start <= len(self.layers)) or end >= len(self.layers):
             raise ConfigError("forward range %d..%d outside 0..%d" % (start, end, len(self.layers) - 1))
-        loss = 0.0
+        loss = self.dtype.type(0)  # summed in the net's dtype, as Caffe's Dtype loss
         i = start
         try:
             for i in range(start, end + 1):
-                loss += self.layers[i].Forward(self.bottom_vecs[i], self.top_vecs[i])
+                loss += self.dtype.type(self.layers[i].Forward(self.bottom_vecs[i], self.top_vecs[i]))
                 if self.debug_info:
                     self._log_forward(i)
         except NetlibError:
@@ -466,7 +471,7 @@ class Net:
             raise LayerError("%s: forward failed: %s: %s; bottom shapes %s"
                              % (layer.describe(), type(exc).__name__, exc,
                                 [tuple(b.shape) for b in self.bottom_vecs[i]])) from exc
-        return loss
+        return float(loss)
 
     def backward_from_to(self, start=None, end=0):
         """Run layers ``start`` down to ``end`` (inclusive) backward."""
