@@ -161,10 +161,11 @@ class Layer:
 
     def reshape(self, bottom, top):
         """Shape the tops from the bottoms. Called before every forward."""
-        raise NotImplementedError("%s must implement reshape" % type(self).__name__)
+        self.fail("class %s does not define reshape(bottom, top)" % type(self).__name__, bottom=bottom)
 
     def forward(self, bottom, top):
-        raise NotImplementedError("%s must implement forward" % type(self).__name__)
+        """Compute the tops' data from the bottoms' data."""
+        self.fail("class %s does not define forward(bottom, top)" % type(self).__name__, bottom=bottom)
 
     def backward(self, top, propagate_down, bottom):
         """Default: a layer with nothing to propagate (data layers, Silence...)."""

@@ -72,6 +72,7 @@ a train net whose own ``state`` sets ``phase: TEST`` is built in TEST phase
 finite; snapshots also carry the RNG state, the data layers' read positions
 and the smoothed-loss ring buffer, so a resumed run continues bit for bit.
 """
+import abc
 import logging
 import math
 import os
@@ -191,7 +192,7 @@ def _net_state_merge(phase, net_param_state, extra):
 _ACTIONS = {"none": "none", "stop": "stop", "snapshot": "snapshot"}
 
 
-class Solver:
+class Solver(abc.ABC):
     """Caffe's Solver (the training loop, testing, snapshots) plus the SGD
     family's learning-rate policies; subclasses give ``compute_update_value``.
 
@@ -481,8 +482,9 @@ class Solver:
         else:
             blob.diff[...] += local_decay * blob.xp.sign(blob.data)
 
+    @abc.abstractmethod
     def compute_update_value(self, i, rate):
-        raise NotImplementedError
+        """Turn learnable param ``i``'s gradient into the step (in its diff)."""
 
     def _local_rate(self, i, rate):
         return self.f(self.f(rate) * self.f(self.net.params_lr[i]))
@@ -520,7 +522,6 @@ class Solver:
 
     def step(self, iters):
         """Run ``iters`` iterations (Caffe's Solver::Step)."""
-        p = self.param
         f = self.f
         start_iter = self.iter
         stop_iter = self.iter + int(iters)

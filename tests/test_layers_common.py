@@ -1,15 +1,12 @@
 """Common (utility / structural) layers: naive loop references, gradient
 checks over parameter variants, Reshape shape rules, error messages, buffer
 sharing, and the real-Caffe goldens of every type in netlib/layers/common.py."""
-import glob
 import itertools
-import os
 
 import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from conftest import shared_path
 from netlib.blob import Blob
 from netlib.errors import ConfigError, LayerError, ShapeError
 from netlib.layer import create_layer
@@ -1081,66 +1078,3 @@ def test_embed_naive_and_gradient():
 def test_embed_bad_index(idx, match):
     with pytest.raises(LayerError, match=match):
         fwd('type: "Embed" embed_param { num_output: 2 input_dim: 10 }', [np.array(idx, np.float32)])
-
-
-# ---------------------------------------------------------------------------
-# real-Caffe goldens
-# ---------------------------------------------------------------------------
-GOLDEN_TYPES = ["InnerProduct", "Softmax", "Split", "Flatten", "Reshape", "Concat", "Slice", "Eltwise",
-                "Silence", "Tile", "Reduction", "ArgMax", "Crop", "BatchReindex", "Filter", "Bias",
-                "Scale", "Parameter", "Embed"]
-RTOL, ATOL = 1e-4, 1e-5
-
-
-def golden_close(what, got, ref):
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    assert got.shape == ref.shape, "%s: shape %s vs Caffe %s" % (what, got.shape, ref.shape)
-    if ref.size:
-        tol = RTOL * np.abs(ref) + ATOL * max(np.abs(ref).max(), 1e-3)
-        bad = np.abs(got - ref) > tol
-        assert not bad.any(), "%s: %d values differ, worst %.3g" % (what, bad.sum(), np.abs(got - ref).max())
-
-
-def run_golden_case(prototxt):
-    import h5py
-    with h5py.File(prototxt[:-len(".prototxt")] + ".h5", "r") as h5:
-        attrs = h5.attrs
-        net = text_format.Parse(open(prototxt).read(), caffe_pb2.NetParameter())
-        lp = [layer for layer in net.layer if layer.name == attrs["layer"]][0]
-        phase = caffe_pb2.TRAIN if attrs["phase"] == "TRAIN" else caffe_pb2.TEST
-        lay = create_layer(lp, phase=phase, dtype=np.float32, xp=np)
-        bottom = blobs([h5["bottom"][name][()] for name in lp.bottom])
-        top = [Blob(()) for _ in lp.top]
-        lay.SetUp(bottom, top)
-        for k in h5.get("param", {}):
-            lay.blobs[int(k)].data[...] = h5["param"][k][()]
-        lay.Forward(bottom, top)
-        compared = 0
-        for name, t in zip(lp.top, top):
-            golden_close("top/" + name, t.data, h5["top"][name][()])
-            compared += 1
-        if attrs["backward"]:
-            for blob in lay.blobs:
-                blob.diff[...] = 0
-            for name, t in zip(lp.top, top):
-                t.diff[...] = h5["top_diff"][name][()]
-            stored = h5["bottom_diff"] if "bottom_diff" in h5 else {}
-            lay.Backward(top, [name in stored for name in lp.bottom], bottom)
-            for name, b in zip(lp.bottom, bottom):
-                if name in stored:
-                    golden_close("bottom_diff/" + name, b.diff, stored[name][()])
-                    compared += 1
-            for k in h5.get("param_diff", {}):
-                golden_close("param_diff/" + k, lay.blobs[int(k)].diff, h5["param_diff"][k][()])
-                compared += 1
-    return compared
-
-
-@pytest.mark.parametrize("layer_type", GOLDEN_TYPES)
-def test_caffe_golden(layer_type):
-    folder = shared_path("reference", "golden", "layers")
-    cases = sorted(glob.glob(os.path.join(folder, "%s_*.prototxt" % layer_type)))
-    if not cases:
-        pytest.skip("no golden case for %s" % layer_type)
-    for case in cases:
-        assert run_golden_case(case) >= 1, case

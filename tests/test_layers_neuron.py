@@ -1,14 +1,11 @@
 """Neuron layers: naive per-element references, gradient checks, in-place
 behaviour, Dropout statistics, error messages and the real-Caffe goldens."""
-import glob
 import math
-import os
 
 import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from conftest import shared_path
 from netlib.blob import Blob
 from netlib.errors import ConfigError, LayerError, ShapeError
 from netlib.layer import create_layer
@@ -490,74 +487,3 @@ def test_layer_reshapes_top_with_bottom():
     lay.Forward([b], [t])
     assert t.shape == (4, 5, 6)
     assert_close(t.data, np.full((4, 5, 6), math.tanh(1)))
-
-
-# --------------------------------------------------------------------------
-# real-Caffe goldens
-# --------------------------------------------------------------------------
-NEURON_TYPES = ["AbsVal", "BNLL", "Clip", "Dropout", "ELU", "Exp", "Log", "PReLU", "Power", "ReLU",
-                "Sigmoid", "Swish", "TanH", "Threshold"]
-
-
-def _golden_close(name, got, ref, rtol=1e-4, atol=1e-5):
-    got = np.asarray(got, np.float64)
-    ref = np.asarray(ref, np.float64)
-    assert got.shape == ref.shape, "%s: shape %s vs golden %s" % (name, got.shape, ref.shape)
-    scale = max(float(np.abs(ref).max()) if ref.size else 0.0, 1e-3)
-    err = np.abs(got - ref) - (rtol * np.abs(ref) + atol * scale)
-    assert (err <= 0).all(), "%s: worst excess %.3g" % (name, err.max())
-
-
-def run_golden_case(prototxt):
-    """Build the case's layer alone, feed the stored bottoms/params, compare
-    top and (if stored) bottom/param diffs.  Returns the number of arrays compared."""
-    import h5py
-    with h5py.File(prototxt[:-len(".prototxt")] + ".h5", "r") as h5:
-        net = text_format.Parse(open(prototxt).read(), caffe_pb2.NetParameter())
-        lp = [layer for layer in net.layer if layer.name == h5.attrs["layer"]][0]
-        phase = caffe_pb2.TRAIN if h5.attrs["phase"] == "TRAIN" else caffe_pb2.TEST
-        lay = create_layer(lp, phase=phase, dtype=np.float32, xp=np)
-        blobs = {}
-        for name in lp.bottom:
-            blob = Blob(h5["bottom"][name].shape)
-            blob.data[...] = h5["bottom"][name][()]
-            blobs[name] = blob
-        bottom = [blobs[n] for n in lp.bottom]
-        top = []
-        for name in lp.top:
-            blobs.setdefault(name, Blob(()))
-            top.append(blobs[name])
-        lay.SetUp(bottom, top)
-        if "param" in h5:
-            for k in h5["param"]:
-                lay.blobs[int(k)].data[...] = h5["param"][k][()]
-        lay.Forward(bottom, top)
-        compared = 0
-        for name in h5["top"]:
-            _golden_close("top/" + name, blobs[name].data, h5["top"][name][()])
-            compared += 1
-        if h5.attrs["backward"]:
-            for blob in lay.blobs:
-                blob.diff[...] = 0
-            for name in h5["top_diff"]:
-                blobs[name].diff[...] = h5["top_diff"][name][()]
-            stored = h5["bottom_diff"] if "bottom_diff" in h5 else {}
-            lay.Backward(top, [name in stored for name in lp.bottom], bottom)
-            for name in stored:
-                _golden_close("bottom_diff/" + name, blobs[name].diff, stored[name][()])
-                compared += 1
-            if "param_diff" in h5:
-                for k in h5["param_diff"]:
-                    _golden_close("param_diff/" + k, lay.blobs[int(k)].diff, h5["param_diff"][k][()])
-                    compared += 1
-    return compared
-
-
-@pytest.mark.parametrize("layer_type", NEURON_TYPES)
-def test_caffe_golden(layer_type):
-    folder = shared_path("reference", "golden", "layers")
-    cases = sorted(glob.glob(os.path.join(folder, "%s_*.prototxt" % layer_type)))
-    if not cases:
-        pytest.skip("no golden case for %s" % layer_type)
-    for case in cases:
-        assert run_golden_case(case) >= 1, case

@@ -5,16 +5,13 @@ here from Caffe's definitions, float64 gradient checks over parameter grids,
 Caffe's size/divisor/tie quirks on hand-computed cases, error messages, and
 the real-Caffe golden cases read directly with h5py.
 """
-import glob
 import itertools
 import math
-import os
 
 import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from conftest import SHARED, shared_path
 from netlib.blob import Blob
 from netlib.errors import ConfigError, LayerError, ShapeError
 from netlib.im2col import col2im, conv_out_size, im2col
@@ -700,62 +697,3 @@ def test_pooling_mask_top_only_for_max():
         setup('type: "Pooling" pooling_param { pool: AVE kernel_size: 2 }', [f32((1, 1, 4, 4))], ntop=2)
     with pytest.raises(LayerError, match="at most 2"):
         setup('type: "Pooling" pooling_param { pool: MAX kernel_size: 2 }', [f32((1, 1, 4, 4))], ntop=3)
-
-
-# --------------------------------------------------------------------------
-# real-Caffe goldens
-# --------------------------------------------------------------------------
-_GOLDEN_DIR = os.path.join(SHARED, "reference", "golden", "layers")
-GOLDEN_CASES = sorted(os.path.basename(p)[:-len(".prototxt")]
-                      for t in ("Convolution", "Deconvolution", "Pooling")
-                      for p in glob.glob(os.path.join(_GOLDEN_DIR, t + "_*.prototxt")))
-
-
-def _golden_close(name, got, ref, rtol=1e-4, atol=1e-5):
-    got = np.asarray(got, np.float64)
-    ref = np.asarray(ref, np.float64)
-    assert got.shape == ref.shape, "%s: shape %s vs golden %s" % (name, got.shape, ref.shape)
-    scale = max(float(np.abs(ref).max()) if ref.size else 0.0, 1e-3)
-    excess = np.abs(got - ref) - (rtol * np.abs(ref) + atol * scale)
-    assert (excess <= 0).all(), "%s: worst excess %.3g" % (name, excess.max())
-
-
-@pytest.mark.parametrize("case", GOLDEN_CASES or ["<none>"])
-def test_caffe_golden(case):
-    import h5py
-    folder = shared_path("reference", "golden", "layers")
-    if case == "<none>":
-        pytest.skip("no vision golden cases in %s" % folder)
-    base = os.path.join(folder, case)
-    net = text_format.Parse(open(base + ".prototxt").read(), caffe_pb2.NetParameter())
-    lp = [layer for layer in net.layer if layer.type != "Input"]
-    assert len(lp) == 1, case
-    lp = lp[0]
-    with h5py.File(base + ".h5", "r") as h5:
-        phase = caffe_pb2.TRAIN if h5.attrs["phase"] == "TRAIN" else caffe_pb2.TEST
-        lay = create_layer(lp, phase=phase, dtype=np.float32, xp=np)
-        blobs = {}
-        for name in lp.bottom:
-            blobs[name] = Blob(h5["bottom"][name].shape)
-            blobs[name].data[...] = h5["bottom"][name][()]
-        bottom = [blobs[n] for n in lp.bottom]
-        top = [blobs.setdefault(n, Blob(())) for n in lp.top]
-        lay.SetUp(bottom, top)
-        if "param" in h5:
-            assert len(h5["param"]) == len(lay.blobs)
-            for k in h5["param"]:
-                lay.blobs[int(k)].data[...] = h5["param"][k][()]
-        lay.Forward(bottom, top)
-        for name in h5["top"]:
-            _golden_close("top/" + name, blobs[name].data, h5["top"][name][()])
-        if h5.attrs["backward"]:
-            for blob in lay.blobs:
-                blob.diff[...] = 0
-            for name in h5["top_diff"]:
-                blobs[name].diff[...] = h5["top_diff"][name][()]
-            stored = h5["bottom_diff"] if "bottom_diff" in h5 else {}
-            lay.Backward(top, [name in stored for name in lp.bottom], bottom)
-            for name in stored:
-                _golden_close("bottom_diff/" + name, blobs[name].diff, stored[name][()])
-            for k in (h5["param_diff"] if "param_diff" in h5 else {}):
-                _golden_close("param_diff/" + k, lay.blobs[int(k)].diff, h5["param_diff"][k][()])

@@ -64,8 +64,6 @@ Im2col (``convolution_param``: kernel/stride/pad/dilation, axis)
     with Caffe's convolution output size; rows ordered channel, then kernel
     offsets in raster order (Caffe's column buffer).  Backward is col2im.
 """
-import numpy
-
 from ..errors import ConfigError, ShapeError
 from ..im2col import col2im, geometry, im2col
 from ..layer import Layer, register_layer

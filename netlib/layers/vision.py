@@ -712,7 +712,6 @@ class PoolingLayer(Layer):
                 dv += gc[ysl] * (ic[ysl] == itype(k + 1))
 
     def _backward_ave(self, gy, dx):
-        xp = self.xp
         if self._whole:
             N, C, H, W = dx.shape
             dx[...] = gy.reshape(N, C, 1, 1) / gy.dtype.type(H * W)
