@@ -601,9 +601,11 @@ class Net:
 
     share_with = share_trained_layers_with
 
-    def copy_trained_layers_from(self, source):
+    def copy_trained_layers_from(self, source, path=None):
         """Copy weights from a NetParameter (matched by layer name; unknown
-        layers are ignored; legacy 4-D blob shapes match as Caffe allows)."""
+        layers are ignored; legacy 4-D blob shapes match as Caffe allows).
+        ``path`` (the file it came from) is named in errors."""
+        where = (path + ": ") if path else ""
         for layer_param in source.layer:
             name = layer_param.name
             if name not in self._layer_index:
@@ -611,14 +613,15 @@ class Net:
                 continue
             target = self.layers[self._layer_index[name]].blobs
             if len(target) != len(layer_param.blobs):
-                raise WeightsError("incompatible number of blobs for layer %r: the weights have %d, "
-                                   "the net needs %d" % (name, len(layer_param.blobs), len(target)))
+                raise WeightsError("%sincompatible number of blobs for layer %r: the weights have %d, "
+                                   "the net needs %d" % (where, name, len(layer_param.blobs), len(target)))
             for j, (blob, proto) in enumerate(zip(target, layer_param.blobs)):
                 try:
                     blob.from_proto(proto, reshape=False)
                 except WeightsError as exc:
-                    raise WeightsError("cannot copy param %d weights from layer %r: %s. To learn this "
-                                       "layer's parameters from scratch, rename the layer." % (j, name, exc)) from None
+                    raise WeightsError("%scannot copy param %d weights from layer %r: %s. To learn this "
+                                       "layer's parameters from scratch, rename the layer."
+                                       % (where, j, name, exc)) from None
 
     def copy_trained_layers_from_hdf5(self, path):
         import h5py
@@ -662,7 +665,7 @@ class Net:
             except (OSError, KeyError) as exc:
                 raise WeightsError("%s: unreadable HDF5 weights (truncated or corrupt?): %s" % (path, exc)) from None
         else:
-            self.copy_trained_layers_from(read_weights_param(path))
+            self.copy_trained_layers_from(read_weights_param(path), path)
 
     def load_hdf5(self, path):
         self.copy_trained_layers_from_hdf5(path)

@@ -166,10 +166,11 @@ def read_solver(source, solver_path=None):
     return param, path
 
 
-def get_solver(source, **kwargs):
+def get_solver(source, solver_path=None, **kwargs):
     """Build the solver named by ``type`` in a solver file or SolverParameter
-    (pycaffe's ``caffe.get_solver``)."""
-    param, path = read_solver(source)
+    (pycaffe's ``caffe.get_solver``).  ``solver_path`` names the file a
+    SolverParameter message was read from (snapshot prefix, relative paths)."""
+    param, path = read_solver(source, solver_path)
     type_name = param.type or "SGD"
     cls = _SOLVERS.get(type_name)
     if cls is None:

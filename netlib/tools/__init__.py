@@ -1,0 +1,2 @@
+"""Command-line tools: the ``netlib`` command (:mod:`netlib.tools.cli`) and
+data preparation (:mod:`netlib.tools.mnist`)."""

@@ -1,0 +1,585 @@
+"""The ``netlib`` command: Caffe's ``caffe`` tool (tools/caffe.cpp) in Python.
+
+Commands::
+
+    netlib train --solver S [--weights W1,W2 | --snapshot STATE] [--level L --stage a,b]
+                 [--sigint_effect stop|snapshot|none] [--sighup_effect ...] [--gpu 0]
+    netlib test  --model M --weights W [--iterations 50] [--level L --stage a,b]
+    netlib time  --model M [--iterations 50] [--phase TRAIN|TEST]
+    netlib device_query
+    netlib data mnist [--from DIR] [--out DIR]      # IDX files -> HDF5 for LeNet
+    netlib data digits [--out DIR]                  # the bundled 8x8 digits -> HDF5
+
+Flags are gflags-style: ``--flag=value``, ``--flag value`` and ``-flag value``
+all work, anywhere on the line.  ``--log FILE`` copies the log to FILE.
+
+Log lines go to stderr in glog's format
+(``I1123 10:00:00.123456 12345 solver.py:612] Iteration 100, lr = 0.00992565``)
+so Caffe's ``tools/extra/parse_log.py`` / ``parse_log.sh`` read them.  A
+progress bar (tqdm, on stderr) runs during train and test when stderr is a
+terminal and neither ``CI`` nor ``NETLIB_NO_PROGRESS`` is set
+(``NETLIB_PROGRESS=1`` forces it on).  Any error prints one line
+``netlib: error: ...`` and exits with status 1 (``NETLIB_DEBUG=1`` adds the
+traceback).  SIGINT and SIGHUP are handed to the solver as Caffe does
+(defaults: SIGINT stops, SIGHUP snapshots).
+"""
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+log = logging.getLogger("netlib")
+
+COMMANDS = ("train", "test", "time", "device_query", "data")
+
+USAGE = """usage: netlib <command> <args>
+
+commands:
+  train           train or finetune a model
+  test            score a model
+  time            benchmark model execution time
+  device_query    show CPU/NumPy and GPU (CuPy) information
+  data            prepare data sets: 'data mnist [--from DIR] [--out DIR]', 'data digits [--out DIR]'
+
+flags (--flag=value, --flag value or -flag value):
+  --solver        the solver definition protocol buffer text file
+  --model         the model definition protocol buffer text file
+  --weights       comma-separated .caffemodel/.h5 weights to start from (train: finetune; test: required);
+                  cannot be combined with --snapshot
+  --snapshot      the solver state to resume training from
+  --iterations    the number of iterations to run (test, time; default 50)
+  --phase         network phase (TRAIN or TEST); used by time (default TRAIN) and test (default TEST)
+  --level         network level (default 0)
+  --stage         comma-separated network stages
+  --gpu           GPU device ids ('0', '0,1' or 'all'); the first one is used. Default: CPU
+  --sigint_effect action on SIGINT during train: stop, snapshot or none (default stop)
+  --sighup_effect action on SIGHUP during train: stop, snapshot or none (default snapshot)
+  --log           also write the log to this file
+  --from, --out   folders for 'netlib data'
+"""
+
+
+class UsageError(Exception):
+    """A bad command line (reported as one line, exit status 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _build_parser():
+    p = _Parser(prog="netlib", add_help=False, allow_abbrev=False)
+    p.add_argument("command", nargs="?")
+    p.add_argument("rest", nargs="*")
+    p.add_argument("-h", "--help", action="store_true")
+    p.add_argument("--solver", default="")
+    p.add_argument("--model", default="")
+    p.add_argument("--weights", default="")
+    p.add_argument("--snapshot", default="")
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--phase", default="")
+    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--stage", default="")
+    p.add_argument("--gpu", default="")
+    p.add_argument("--sigint_effect", default="stop")
+    p.add_argument("--sighup_effect", default="snapshot")
+    p.add_argument("--log", default="")
+    p.add_argument("--from", dest="from_dir", default=None)
+    p.add_argument("--out", default=None)
+    return p
+
+
+def normalize_argv(argv):
+    """gflags spellings -> argparse: ``-flag`` becomes ``--flag``."""
+    out = []
+    for arg in argv:
+        if (len(arg) > 2 and arg[0] == "-" and arg[1] != "-" and arg[1].isalpha()):
+            arg = "-" + arg
+        out.append(arg)
+    return out
+
+
+def parse_args(argv):
+    args = _build_parser().parse_intermixed_args(normalize_argv(argv))
+    for name in ("sigint_effect", "sighup_effect"):
+        value = getattr(args, name).lower()
+        if value not in ("stop", "snapshot", "none"):
+            raise UsageError("--%s must be stop, snapshot or none, got %r" % (name, getattr(args, name)))
+        setattr(args, name, value)
+    if args.phase:
+        if args.phase.upper() not in ("TRAIN", "TEST"):
+            raise UsageError("--phase must be TRAIN or TEST, got %r" % args.phase)
+        args.phase = args.phase.upper()
+    args.stages = [s for s in args.stage.split(",") if s] if args.stage else []
+    return args
+
+
+# -- logging ---------------------------------------------------------------------------
+_LEVEL_CHARS = {logging.DEBUG: "I", logging.INFO: "I", logging.WARNING: "W", logging.ERROR: "E",
+                logging.CRITICAL: "F"}
+
+
+class GlogFormatter(logging.Formatter):
+    """glog's line prefix: ``I1123 10:00:00.123456 12345 file.py:123] message``
+    (level letter, month+day, local time with microseconds, thread id,
+    source file:line).  Caffe's parse_log.py / extract_seconds.py read it."""
+
+    def format(self, record):
+        t = time.localtime(record.created)
+        micros = int((record.created - int(record.created)) * 1e6)
+        prefix = "%s%02d%02d %02d:%02d:%02d.%06d %5d %s:%d] " % (
+            _LEVEL_CHARS.get(record.levelno, "I"), t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min,
+            t.tm_sec, micros, threading.get_native_id(), record.filename, record.lineno)
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        return prefix + message
+
+
+class _Progress:
+    """The active tqdm bar (None when off); log lines print above it."""
+    bar = None
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes log lines intact, above the progress bar when one is shown."""
+
+    def emit(self, record):
+        try:
+            msg = self.format(record)
+            bar = _Progress.bar
+            if bar is not None:
+                from tqdm import tqdm
+                tqdm.write(msg, file=self.stream)
+            else:
+                self.stream.write(msg + "\n")
+                self.flush()
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def progress_enabled(stream=None):
+    """Progress bars: forced by NETLIB_PROGRESS=1, off with CI or
+    NETLIB_NO_PROGRESS set or when stderr is not a terminal."""
+    stream = stream if stream is not None else sys.stderr
+    if os.environ.get("NETLIB_PROGRESS", "") not in ("", "0"):
+        return True
+    if os.environ.get("CI") or os.environ.get("NETLIB_NO_PROGRESS"):
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def progress_bar(total, initial=0, desc=""):
+    """A tqdm bar on stderr (or None when progress is off)."""
+    if not progress_enabled():
+        yield None
+        return
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True,
+               leave=False, unit="it")
+    _Progress.bar = bar
+    try:
+        yield bar
+    finally:
+        _Progress.bar = None
+        bar.close()
+
+
+@contextlib.contextmanager
+def logging_to(log_file):
+    """Route the 'netlib' logger to stderr (and ``log_file``) for one command."""
+    logger = logging.getLogger("netlib")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    formatter = GlogFormatter()
+    handlers = [_StderrHandler(sys.stderr)]
+    if log_file:
+        folder = os.path.dirname(os.path.abspath(log_file))
+        if not os.path.isdir(folder):
+            from ..errors import NetlibFileNotFoundError
+            raise NetlibFileNotFoundError("--log %s: folder %s does not exist" % (log_file, folder))
+        handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
+    for h in handlers:
+        h.setFormatter(formatter)
+    logger.handlers = handlers
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield logger
+    finally:
+        for h in handlers:
+            with contextlib.suppress(Exception):
+                h.flush()
+            if isinstance(h, logging.FileHandler):
+                h.close()
+        logger.level, logger.propagate = saved[0], saved[1]
+        logger.handlers = saved[2]
+
+
+# -- devices ---------------------------------------------------------------------------
+def _parse_gpus(text):
+    from ..errors import ConfigError
+    from .. import backend
+    if text == "all":
+        if backend.cupy is None:
+            raise ConfigError("--gpu all: CuPy is not installed (pip install cupy-cuda12x)")
+        return list(range(backend.cupy.cuda.runtime.getDeviceCount()))
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError("--gpu takes device ids such as 0 or 0,1 or 'all', got %r" % text) from None
+
+
+def select_device(gpu_flag, solver_param=None):
+    """Caffe's device choice: --gpu wins; else a solver file that explicitly
+    says ``solver_mode: GPU`` asks for its ``device_id`` (netlib falls back to
+    the CPU with a warning when CuPy is missing); else the CPU."""
+    from .. import backend
+    gpus = _parse_gpus(gpu_flag) if gpu_flag else []
+    explicit = bool(gpus)
+    if not gpus and solver_param is not None and solver_param.HasField("solver_mode") \
+            and solver_param.solver_mode == solver_param.GPU:
+        gpus = [solver_param.device_id]
+    if not gpus:
+        log.info("Use CPU.")
+        backend.set_mode_cpu()
+        return None
+    if backend.cupy is None and not explicit:
+        log.warning("The solver asks for solver_mode: GPU but CuPy is not installed; using the CPU.")
+        backend.set_mode_cpu()
+        return None
+    if len(gpus) > 1:
+        log.warning("netlib trains on one GPU; using GPU %d of %s", gpus[0], gpus)
+    log.info("Using GPUs %s", ", ".join(str(g) for g in gpus))
+    backend.set_mode_gpu()
+    backend.set_device(gpus[0])
+    return gpus[0]
+
+
+def _synchronize():
+    from .. import backend
+    if backend.default_xp() is not __import__("numpy") and backend.cupy is not None:
+        backend.cupy.cuda.Device().synchronize()
+
+
+# -- signals ---------------------------------------------------------------------------
+class SignalHandler:
+    """Caffe's SignalHandler: SIGINT/SIGHUP set a flag that the solver reads
+    through ``action_request()`` after each iteration.  A second SIGINT while
+    a stop is still pending aborts at once (KeyboardInterrupt)."""
+
+    def __init__(self, sigint_effect="stop", sighup_effect="snapshot"):
+        self.effects = {"SIGINT": sigint_effect, "SIGHUP": sighup_effect}
+        self.pending = {"SIGINT": False, "SIGHUP": False}
+        self._saved = {}
+
+    def _on_signal(self, signum, frame):
+        name = "SIGHUP" if signum == getattr(signal, "SIGHUP", None) else "SIGINT"
+        if name == "SIGINT" and self.pending["SIGINT"] and self.effects["SIGINT"] == "stop":
+            raise KeyboardInterrupt
+        self.pending[name] = True
+
+    def action_request(self):
+        for name in ("SIGINT", "SIGHUP"):
+            if self.pending[name]:
+                self.pending[name] = False
+                effect = self.effects[name]
+                if effect != "none":
+                    log.info("Received %s: %s requested", name, effect)
+                return effect
+        return "none"
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGINT, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                self._saved[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._saved.items():
+            signal.signal(sig, old)
+        self._saved.clear()
+
+
+# -- commands --------------------------------------------------------------------------
+def _need(flag, value, what):
+    if not value:
+        raise UsageError("%s needs --%s (%s)" % (what, flag, {
+            "solver": "a solver definition to train", "model": "a model definition",
+            "weights": "model weights to score"}.get(flag, flag)))
+
+
+def _make_solver(param, path):
+    from ..solver import get_solver
+    return get_solver(param, solver_path=path)
+
+
+def cmd_train(args):
+    from ..solver import read_solver
+    _need("solver", args.solver, "train")
+    if args.snapshot and args.weights:
+        raise UsageError("give --snapshot to resume training or --weights to finetune, not both")
+    param, path = read_solver(args.solver)
+    param.train_state.level = args.level
+    for s in args.stages:
+        param.train_state.stage.append(s)
+    if args.snapshot:
+        param.ClearField("weights")
+        if not os.path.isfile(args.snapshot):
+            from ..errors import NetlibFileNotFoundError
+            raise NetlibFileNotFoundError("--snapshot %s: no such solver state file" % args.snapshot)
+    elif args.weights:
+        param.ClearField("weights")
+        param.weights.append(args.weights)
+    select_device(args.gpu, param)
+    with SignalHandler(args.sigint_effect, args.sighup_effect) as handler:
+        log.info("Starting Optimization")
+        solver = _make_solver(param, path)
+        solver.action_request = handler.action_request
+        if args.snapshot:
+            log.info("Resuming from %s", args.snapshot)
+            solver.restore(args.snapshot)
+        with progress_bar(solver.param.max_iter, initial=min(solver.iter, solver.param.max_iter),
+                          desc="train") as bar:
+            if bar is not None:
+                def _tick(s, bar=bar):
+                    bar.set_postfix_str("loss=%.4g" % float(getattr(s, "smoothed_loss", 0.0)), refresh=False)
+                    delta = min(s.iter, bar.total) - bar.n
+                    if delta > 0:
+                        bar.update(delta)  # redraws at most every 0.1 s
+                solver.iteration_callbacks.append(_tick)
+            solver.solve()
+    log.info("Optimization Done.")
+    return 0
+
+
+def cmd_test(args):
+    import numpy
+    from .. import Net
+    from ..backend import to_numpy
+    _need("model", args.model, "test")
+    _need("weights", args.weights, "test")
+    if args.iterations <= 0:
+        raise UsageError("--iterations must be positive, got %d" % args.iterations)
+    select_device(args.gpu)
+    phase = args.phase or "TEST"
+    net = Net(args.model, phase, level=args.level, stages=args.stages)
+    for w in args.weights.split(","):
+        if w:
+            net.copy_from(w)
+    log.info("Running for %d iterations.", args.iterations)
+    scores, names = None, []
+    total_loss = 0.0
+    with progress_bar(args.iterations, desc="test") as bar:
+        for i in range(args.iterations):
+            loss = net.forward_prefilled()
+            total_loss += loss
+            values, names = [], []
+            for name, blob in zip(net.outputs, net.output_blobs):
+                v = to_numpy(blob.data).ravel().astype(numpy.float32)
+                values.append(v)
+                names.extend([name] * v.size)
+                for x in v:
+                    log.info("Batch %d, %s = %s", i, name, _g(x))
+            flat = numpy.concatenate(values) if values else numpy.zeros(0, numpy.float32)
+            scores = flat.astype(numpy.float64) if scores is None else scores + flat
+            if bar is not None:
+                bar.update(1)
+    log.info("Loss: %s", _g(total_loss / args.iterations))
+    weights = net.blob_loss_weights
+    for name, total in zip(names, scores if scores is not None else []):
+        mean = total / args.iterations
+        w = weights.get(name, 0.0)
+        suffix = " (* %s = %s loss)" % (_g(w), _g(w * mean)) if w else ""
+        log.info("%s = %s%s", name, _g(mean), suffix)
+    return 0
+
+
+def cmd_time(args):
+    from .. import Net
+    _need("model", args.model, "time")
+    if args.iterations <= 0:
+        raise UsageError("--iterations must be positive, got %d" % args.iterations)
+    select_device(args.gpu)
+    phase = args.phase or "TRAIN"
+    net = Net(args.model, phase, level=args.level, stages=args.stages)
+    log.info("Performing Forward")
+    loss = net.forward_prefilled()
+    log.info("Initial loss: %s", _g(loss))
+    log.info("Performing Backward")
+    net.backward_from_to(len(net.layers) - 1, 0)
+    layers = net.layers
+    n = len(layers)
+    fwd = [0.0] * n
+    bwd = [0.0] * n
+    forward_total = backward_total = 0.0
+    skipped = set()
+    log.info("*** Benchmark begins ***")
+    log.info("Testing for %d iterations.", args.iterations)
+    clock = time.perf_counter
+    total_start = clock()
+    for j in range(args.iterations):
+        iter_start = clock()
+        for i in range(n):
+            t0 = clock()
+            net.forward_from_to(i, i)
+            _synchronize()
+            fwd[i] += clock() - t0
+        forward_total += clock() - iter_start
+        back_start = clock()
+        for i in range(n - 1, -1, -1):
+            t0 = clock()
+            # Caffe's time runs every layer's Backward, needed or not.
+            if net.layer_need_backward[i]:
+                net.backward_from_to(i, i)
+            elif i not in skipped:
+                try:
+                    layers[i].Backward(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
+                except Exception:  # a layer that cannot run a backward it never needs
+                    skipped.add(i)
+            _synchronize()
+            bwd[i] += clock() - t0
+        backward_total += clock() - back_start
+        log.info("Iteration: %d forward-backward time: %s ms.", j + 1, _g((clock() - iter_start) * 1e3))
+    total = (clock() - total_start) * 1e3
+    it = args.iterations
+    log.info("Average time per layer: ")
+    for i, name in enumerate(net.layer_names):
+        log.info("%10s\tforward: %s ms.", name, _g(fwd[i] * 1e3 / it))
+        log.info("%10s\tbackward: %s ms.", name, _g(bwd[i] * 1e3 / it))
+    log.info("Average Forward pass: %s ms.", _g(forward_total * 1e3 / it))
+    log.info("Average Backward pass: %s ms.", _g(backward_total * 1e3 / it))
+    log.info("Average Forward-Backward: %s ms.", _g(total / it))
+    log.info("Total Time: %s ms.", _g(total))
+    log.info("*** Benchmark ends ***")
+    return 0
+
+
+def cmd_device_query(args):
+    import platform
+    import numpy
+    from .. import backend, __version__
+    log.info("netlib %s, Python %s, NumPy %s", __version__, platform.python_version(), numpy.__version__)
+    log.info("CPU: %s (%s), %d logical cores", platform.processor() or platform.machine(),
+             platform.machine(), os.cpu_count() or 0)
+    try:
+        config = numpy.show_config(mode="dicts")
+        blas = config.get("Build Dependencies", {}).get("blas", {})
+        if blas:
+            log.info("BLAS: %s %s", blas.get("name", "?"), blas.get("version", ""))
+    except Exception:  # older NumPy has no mode="dicts"
+        pass
+    if backend.cupy is None:
+        log.info("CuPy is not installed: no GPU backend (pip install cupy-cuda12x)")
+        if args.gpu:
+            from ..errors import ConfigError
+            raise ConfigError("--gpu %s: CuPy is not installed" % args.gpu)
+        return 0
+    cupy = backend.cupy
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        log.info("CuPy %s is installed but no CUDA device is usable: %s", cupy.__version__, exc)
+        return 0
+    wanted = _parse_gpus(args.gpu) if args.gpu else list(range(count))
+    for d in wanted:
+        if not 0 <= d < count:
+            from ..errors import ConfigError
+            raise ConfigError("--gpu %d: there are %d CUDA devices" % (d, count))
+        prop = cupy.cuda.runtime.getDeviceProperties(d)
+        name = prop.get("name", b"?")
+        name = name.decode() if isinstance(name, bytes) else name
+        log.info("Device id:                     %d", d)
+        log.info("Name:                          %s", name)
+        log.info("Major revision number:         %s", prop.get("major"))
+        log.info("Minor revision number:         %s", prop.get("minor"))
+        log.info("Total global memory:           %s", prop.get("totalGlobalMem"))
+        log.info("Number of multiprocessors:     %s", prop.get("multiProcessorCount"))
+        log.info("Clock rate:                    %s", prop.get("clockRate"))
+    return 0
+
+
+def cmd_data(args):
+    if not args.rest:
+        raise UsageError("data needs a data set name: 'netlib data mnist' or 'netlib data digits'")
+    what = args.rest[0]
+    if len(args.rest) > 1:
+        raise UsageError("unexpected arguments after 'data %s': %s" % (what, " ".join(args.rest[1:])))
+    if what == "mnist":
+        from . import mnist
+        out = args.out or os.path.join("data", "mnist")
+        train, test = mnist.convert(args.from_dir, out)
+        log.info("MNIST ready: %s and %s", train, test)
+        return 0
+    if what == "digits":
+        from .. import datasets
+        out = args.out or os.path.join("models", "digits")
+        train, test = datasets.write_digits_hdf5(out)
+        log.info("Digits ready: %s and %s", train, test)
+        return 0
+    raise UsageError("unknown data set %r (mnist, digits)" % what)
+
+
+def _g(value):
+    """C++ ostream's default float format (%g, 6 significant digits)."""
+    return "%g" % float(value)
+
+
+_HANDLERS = {"train": cmd_train, "test": cmd_test, "time": cmd_time,
+             "device_query": cmd_device_query, "data": cmd_data}
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+def main(argv=None):
+    """Run the ``netlib`` command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from ..errors import NetlibError
+    try:
+        args = parse_args(argv)
+        if args.help or args.command == "help":
+            sys.stdout.write(USAGE)
+            return 0
+        if not args.command:
+            raise UsageError("no command given; one of %s (netlib --help)" % ", ".join(COMMANDS))
+        if args.command not in _HANDLERS:
+            raise UsageError("unknown command %r; one of %s (netlib --help)" % (args.command, ", ".join(COMMANDS)))
+        if args.rest and args.command != "data":
+            raise UsageError("unexpected arguments: %s" % " ".join(args.rest))
+        with logging_to(args.log):
+            return _HANDLERS[args.command](args)
+    except KeyboardInterrupt:
+        sys.stderr.write("netlib: interrupted\n")
+        return 130
+    except UsageError as exc:
+        sys.stderr.write("netlib: error: %s\n" % _one_line(exc))
+        return 1
+    except (NetlibError, OSError, MemoryError) as exc:
+        if os.environ.get("NETLIB_DEBUG"):
+            import traceback
+            traceback.print_exc()
+        sys.stderr.write("netlib: error: %s\n" % _one_line(exc))
+        return 1
+    except Exception as exc:  # a bug: still one line, traceback on request
+        if os.environ.get("NETLIB_DEBUG"):
+            import traceback
+            traceback.print_exc()
+        sys.stderr.write("netlib: error: %s: %s (internal error; set NETLIB_DEBUG=1 for the traceback)\n"
+                         % (type(exc).__name__, _one_line(exc)))
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""MNIST: read the original IDX files and write the HDF5 files LeNet reads.
+
+``netlib data mnist [--from DIR] [--out DIR]`` (see :func:`convert`):
+
+* reads ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+  ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte`` from DIR, gzipped
+  (``.gz``) or plain (the ``train-images.idx3-ubyte`` spelling also works);
+  without ``--from`` it downloads the gzipped files into the output folder
+  from the usual public mirrors and checks their SHA-256;
+* writes ``mnist_train.h5`` and ``mnist_test.h5`` with ``data`` float32
+  (N, 1, 28, 28) = pixel * 0.00390625 (the scale Caffe's LeNet applies in
+  its transform_param) and ``label`` float32 (N,), and the lists
+  ``mnist_train_h5.txt`` / ``mnist_test_h5.txt`` for ``hdf5_data_param.source``.
+"""
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.request
+
+import numpy
+
+from ..errors import ConfigError, NetlibError, NetlibFileNotFoundError, ParseError
+
+log = logging.getLogger("netlib")
+
+#: LeNet's input scale (1/256), exact in float32.
+SCALE = 0.00390625
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+#: SHA-256 of the original gzipped files.
+SHA256 = {
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+
+_IDX_TYPES = {0x08: numpy.uint8, 0x09: numpy.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DownloadError(NetlibError, OSError):
+    """No mirror delivered a file with the expected checksum."""
+
+
+def read_idx(path):
+    """An IDX file (gzipped or plain) as a NumPy array of its stored shape."""
+    if not os.path.isfile(path):
+        raise NetlibFileNotFoundError("%s: no such IDX file" % path)
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    opener = gzip.open if head == b"\x1f\x8b" else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as exc:
+        raise ParseError("cannot read (truncated or corrupt gzip?): %s" % exc, path) from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ParseError("not an IDX file (bad magic number %s)" % raw[:4].hex(), path)
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ParseError("truncated IDX header", path)
+    dims = tuple(int(d) for d in numpy.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = numpy.dtype(_IDX_TYPES[raw[2]])
+    count = int(numpy.prod(dims)) if dims else 1
+    expected = header + count * dtype.itemsize
+    if len(raw) != expected:
+        raise ParseError("IDX file holds %d bytes, its header %s needs %d (truncated?)"
+                         % (len(raw), dims, expected), path)
+    return numpy.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(dims)
+
+
+def find_file(folder, base):
+    """The path of ``base`` in ``folder``: ``base.gz``, ``base``, or the
+    ``train-images.idx3-ubyte`` spelling of either."""
+    alt = base.replace("-idx", ".idx")
+    for name in (base + ".gz", base, alt + ".gz", alt):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise NetlibFileNotFoundError("%s: no %s(.gz) in this folder" % (folder, base))
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(dest, mirrors=MIRRORS, timeout=60):
+    """Download the four gzipped files into ``dest`` (skipping files already
+    there with the right checksum); every file is checked against SHA256."""
+    os.makedirs(dest, exist_ok=True)
+    for name, digest in SHA256.items():
+        target = os.path.join(dest, name)
+        if os.path.isfile(target) and sha256_of(target) == digest:
+            continue
+        errors = []
+        for mirror in mirrors:
+            url = mirror + name
+            log.info("Downloading %s", url)
+            fd, tmp = tempfile.mkstemp(prefix="." + name + ".", suffix=".part", dir=dest)
+            try:
+                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+                    shutil.copyfileobj(resp, out)
+                got = sha256_of(tmp)
+                if got != digest:
+                    errors.append("%s: checksum %s, expected %s" % (url, got, digest))
+                    continue
+                os.replace(tmp, target)
+                break
+            except OSError as exc:
+                errors.append("%s: %s" % (url, exc))
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            raise DownloadError("could not download %s (%s); fetch the four MNIST files yourself and run "
+                                "'netlib data mnist --from DIR'" % (name, "; ".join(errors)))
+    return dest
+
+
+def load(folder):
+    """``{split: (images uint8 (N,28,28), labels uint8 (N,))}`` for 'train' and 'test'."""
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "test")):
+        images = read_idx(find_file(folder, FILES[prefix + "_images"]))
+        labels = read_idx(find_file(folder, FILES[prefix + "_labels"]))
+        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise ConfigError("%s: MNIST %s images %s and labels %s do not match"
+                              % (folder, split, images.shape, labels.shape))
+        out[split] = (images, labels)
+    return out
+
+
+def convert(src=None, out="data/mnist"):
+    """Write the HDF5 files (see the module docstring); returns the two list
+    paths ``(train_list, test_list)``.  ``src`` None means download."""
+    from ..datasets import write_hdf5_dataset
+    if src is None:
+        src = download(out)
+    elif not os.path.isdir(src):
+        raise NetlibFileNotFoundError("%s: no such folder (--from)" % src)
+    splits = load(src)
+    os.makedirs(out, exist_ok=True)
+    lists = []
+    for split in ("train", "test"):
+        images, labels = splits[split]
+        data = images.reshape(images.shape[0], 1, images.shape[1], images.shape[2]).astype(numpy.float32)
+        data *= numpy.float32(SCALE)
+        h5 = os.path.join(out, "mnist_%s.h5" % split)
+        lst = os.path.join(out, "mnist_%s_h5.txt" % split)
+        write_hdf5_dataset(h5, data, labels, lst)
+        log.info("Wrote %d %s images to %s", images.shape[0], split, h5)
+        lists.append(lst)
+    return tuple(lists)
