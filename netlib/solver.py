@@ -371,10 +371,16 @@ class Solver(abc.ABC):
 
     def _pre_solve(self):
         """History blobs: one per learnable param (SGD family)."""
+        self.history = []
+        self._add_history_set()
+
+    def _add_history_set(self):
+        """Append one zeroed history blob per learnable param."""
         from .blob import Blob
-        self.history = [Blob(b.shape, dtype=b.dtype, xp=b.xp) for b in self.net.learnable_params]
-        for h in self.history:
+        for b in self.net.learnable_params:
+            h = Blob(b.shape, dtype=b.dtype, xp=b.xp)
             h.data[...] = 0
+            self.history.append(h)
 
     def check_param(self):
         """Solver-specific checks of the SolverParameter."""
@@ -841,11 +847,7 @@ class AdaDeltaSolver(Solver):
 
     def _pre_solve(self):
         super()._pre_solve()
-        from .blob import Blob
-        for b in self.net.learnable_params:
-            h = Blob(b.shape, dtype=b.dtype, xp=b.xp)
-            h.data[...] = 0
-            self.history.append(h)
+        self._add_history_set()  # the second set: [first..., second...]
 
     def compute_update_value(self, i, rate):
         f = self.f
@@ -878,11 +880,7 @@ class AdamSolver(Solver):
 
     def _pre_solve(self):
         super()._pre_solve()
-        from .blob import Blob
-        for b in self.net.learnable_params:
-            h = Blob(b.shape, dtype=b.dtype, xp=b.xp)
-            h.data[...] = 0
-            self.history.append(h)
+        self._add_history_set()  # the second set: [first..., second...]
 
     def compute_update_value(self, i, rate):
         f = self.f

@@ -152,6 +152,21 @@ class LossLayer(Layer, _LabelMixin):
         """top[0].diff[0] (the loss weight) as a scalar of the layer dtype."""
         return self.dtype.type(float(top[0].diff.reshape(-1)[0]))
 
+    def _write_loss(self, top, log_terms, valid):
+        """top[0] = -sum(log_terms over non-ignored positions) / normalizer,
+        and the probabilities as top[1] when asked (Softmax/Infogain)."""
+        xp = self.xp
+        if valid is None:
+            loss = -float(log_terms.sum(dtype=numpy.float64))
+            count = self.outer * self.inner
+        else:
+            loss = -float(xp.where(valid, log_terms, 0).sum(dtype=numpy.float64))
+            count = int(valid.sum())
+        norm = _normalizer(self.normalization, self.outer, self.inner, count)
+        top[0].data[...] = self.dtype.type(loss) / self.dtype.type(norm)
+        if len(top) > 1:
+            top[1].share_data(self._prob)
+
 
 @register_layer("SoftmaxWithLoss")
 class SoftmaxWithLossLayer(LossLayer):
@@ -201,16 +216,7 @@ class SoftmaxWithLossLayer(LossLayer):
         safe, valid = self._labels(bottom[1], (self.outer, self.inner), self.channels, bottom)
         o, i = self._grid(xp, self.outer, self.inner)
         logp = xp.log(xp.maximum(prob[o, safe, i], self.dtype.type(FLT_MIN)))
-        if valid is None:
-            loss = -float(logp.sum(dtype=numpy.float64))
-            count = self.outer * self.inner
-        else:
-            loss = -float(xp.where(valid, logp, 0).sum(dtype=numpy.float64))
-            count = int(valid.sum())
-        norm = _normalizer(self.normalization, self.outer, self.inner, count)
-        top[0].data[...] = self.dtype.type(loss) / self.dtype.type(norm)
-        if len(top) > 1:
-            top[1].share_data(self._prob)
+        self._write_loss(top, logp, valid)
 
     def backward(self, top, propagate_down, bottom):
         self._refuse_label_backward(propagate_down, bottom)
@@ -682,16 +688,7 @@ class InfogainLossLayer(LossLayer):
         logp = xp.log(xp.maximum(prob, self.dtype.type(LOG_THRESHOLD)))
         rows = self._matrix(bottom)[safe]                # (outer, inner, C)
         terms = (rows.transpose(0, 2, 1) * logp).sum(axis=1)  # (outer, inner)
-        if valid is None:
-            loss = -float(terms.sum(dtype=numpy.float64))
-            count = self.outer * self.inner
-        else:
-            loss = -float(xp.where(valid, terms, 0).sum(dtype=numpy.float64))
-            count = int(valid.sum())
-        norm = _normalizer(self.normalization, self.outer, self.inner, count)
-        top[0].data[...] = self.dtype.type(loss) / self.dtype.type(norm)
-        if len(top) > 1:
-            top[1].share_data(self._prob)
+        self._write_loss(top, terms, valid)
 
     def backward(self, top, propagate_down, bottom):
         self._refuse_label_backward(propagate_down, bottom, indices=(1, 2))
