@@ -399,3 +399,21 @@ class TestMemoryData:
         with pytest.raises(ConfigError):
             layer.set_batch_size(4)
 
+
+
+def test_hdf5_output_writes_legacy_4d_datasets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    net = netlib.Net("""
+    layer { name: "in" type: "Input" top: "x" top: "y"
+            input_param { shape { dim: 3 dim: 4 } shape { dim: 3 } } }
+    layer { name: "out" type: "HDF5Output" bottom: "x" bottom: "y" hdf5_output_param { file_name: "o.h5" } }
+    """, netlib.TEST)
+    x = numpy.arange(12, dtype=numpy.float32).reshape(3, 4)
+    for scale in (1, 2):  # a second forward replaces the datasets
+        net.forward(x=x * scale, y=numpy.array([1, 2, 3], numpy.float32))
+    with h5py.File(tmp_path / "o.h5", "r") as f:
+        assert f["data"].shape == (3, 4, 1, 1) and f["label"].shape == (3, 1, 1, 1)
+        numpy.testing.assert_array_equal(f["data"][()].reshape(3, 4), x * 2)
+    with pytest.raises(netlib.ConfigError, match="file_name"):
+        netlib.Net('layer { name: "in" type: "Input" top: "x" top: "y" input_param { shape { dim: 1 } } }'
+                   'layer { name: "o" type: "HDF5Output" bottom: "x" bottom: "y" }', netlib.TEST)

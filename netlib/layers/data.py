@@ -1,4 +1,4 @@
-"""Data layers: Input, DummyData, HDF5Data, MemoryData.
+"""Data layers: Input, DummyData, HDF5Data, MemoryData, and the HDF5Output writer.
 
 These layers have no bottoms and no backward (Caffe's data layers have empty
 Backward_cpu).  Their tops carry the net's dtype (float32 by default).  The
@@ -408,3 +408,44 @@ class MemoryDataLayer(_DataLayer):
             raise WeightsError("%s: the saved position is for %d items; the layer holds %d"
                                % (self.describe(), n, self.n))
         self.pos = pos % self.n if self.n else pos
+
+
+@register_layer("HDF5Output")
+class HDF5OutputLayer(Layer):
+    """Write the bottoms to an HDF5 file: ``hdf5_output_param.file_name``.
+
+    Bottoms: data (N, ...) and label (N, ...) with equal first dimensions;
+    no tops, no backward (Caffe's Backward_cpu is empty).  The file is created
+    (truncated) at setup; each forward writes datasets ``data`` and ``label``
+    in Caffe's legacy 4-D shapes (num, channels, height, width), float32.
+    Caffe keeps the file open and fails on a second forward (the datasets
+    already exist); here each forward replaces them and closes the file, so
+    it can be read while the net is alive.
+    """
+
+    exact_num_bottom_blobs = 2
+    exact_num_top_blobs = 0
+
+    def setup(self, bottom, top):
+        import h5py
+        self.file_name = self.layer_param.hdf5_output_param.file_name
+        if not self.file_name:
+            self.fail("hdf5_output_param.file_name is required", error=ConfigError)
+        try:
+            h5py.File(self.file_name, "w").close()
+        except OSError as exc:
+            self.fail("cannot create %r: %s" % (self.file_name, exc), error=ConfigError)
+
+    def reshape(self, bottom, top):
+        if bottom[0].shape[:1] != bottom[1].shape[:1]:
+            self.fail("data and label need the same first dimension", bottom=bottom, error=ShapeError)
+
+    def forward(self, bottom, top):
+        import h5py
+        from ..backend import to_numpy
+        with h5py.File(self.file_name, "a") as f:
+            for name, blob in (("data", bottom[0]), ("label", bottom[1])):
+                legacy = tuple(blob.legacy_shape(i) for i in range(4))
+                if name in f:
+                    del f[name]
+                f.create_dataset(name, data=to_numpy(blob.data).reshape(legacy).astype(numpy.float32))
