@@ -17,6 +17,7 @@ from netlib.errors import NetlibFileNotFoundError, WeightsError
 from netlib.proto import caffe_pb2
 
 from conftest import shared_path
+from test_solver import write_h5_list
 
 
 def _need_layers(*types):
@@ -29,27 +30,13 @@ def _need_layers(*types):
 LINREG = ("HDF5Data", "InnerProduct", "EuclideanLoss", "Dropout")
 
 
-def _write_h5_list(folder, parts, name="d"):
-    paths = []
-    for k, (x, y) in enumerate(parts):
-        p = os.path.join(str(folder), "%s_%d.h5" % (name, k))
-        with h5py.File(p, "w") as f:
-            f.create_dataset("data", data=numpy.asarray(x, numpy.float32))
-            f.create_dataset("targets", data=numpy.asarray(y, numpy.float32))
-        paths.append(p)
-    lst = os.path.join(str(folder), name + "_list.txt")
-    with open(lst, "w") as f:
-        f.write("\n".join(paths) + "\n")
-    return lst
-
-
 @pytest.fixture
 def data_list(tmp_path):
     """Two HDF5 files (5 and 3 rows) of a random regression problem."""
     rng = numpy.random.default_rng(0)
     x = rng.normal(size=(8, 2, 3, 3))
     y = x.reshape(8, -1) @ rng.normal(size=(18, 1)) + 0.1
-    return _write_h5_list(tmp_path, [(x[:5], y[:5]), (x[5:], y[5:])])
+    return write_h5_list(tmp_path, [(x[:5], y[:5]), (x[5:], y[5:])])
 
 
 def net_text(source, shuffle=True, dropout=True):

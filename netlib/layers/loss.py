@@ -69,6 +69,20 @@ def _softmax(x, out, xp):
 class _LabelMixin:
     """Label helpers shared by the classification losses and Accuracy."""
 
+    def _set_class_geometry(self, bottom, axis_param, what="axis"):
+        """outer/channels/inner around the class axis; the labels must number
+        outer * inner (ShapeError naming the shapes otherwise).  Returns the axis."""
+        axis = self._axis(bottom[0], axis_param, bottom)
+        self.outer = bottom[0].count(0, axis)
+        self.inner = bottom[0].count(axis + 1)
+        self.channels = bottom[0].shape[axis]
+        if self.outer * self.inner != bottom[1].count():
+            self.fail("number of labels must match number of predictions: with %s %d and "
+                      "prediction shape %s the label count must be %d, got %d"
+                      % (what, axis, bottom[0].shape, self.outer * self.inner, bottom[1].count()),
+                      bottom=bottom, error=ShapeError)
+        return axis
+
     def _labels(self, label_blob, shape, num_classes, bottom):
         """(int64 labels safe for indexing (ignored positions read class 0),
         mask of non-ignored positions or None when there is no ignore_label).
@@ -192,16 +206,8 @@ class SoftmaxWithLossLayer(LossLayer):
 
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
-        axis = self._axis(bottom[0], self.layer_param.softmax_param.axis, bottom)
-        self.softmax_axis = axis
-        self.outer = bottom[0].count(0, axis)
-        self.inner = bottom[0].count(axis + 1)
-        self.channels = bottom[0].shape[axis]
-        if self.outer * self.inner != bottom[1].count():
-            self.fail("number of labels must match number of predictions: with softmax axis %d "
-                      "and prediction shape %s the label count must be %d, got %d"
-                      % (axis, bottom[0].shape, self.outer * self.inner, bottom[1].count()),
-                      bottom=bottom, error=ShapeError)
+        self.softmax_axis = self._set_class_geometry(bottom, self.layer_param.softmax_param.axis,
+                                                     "softmax axis")
         self._prob.reshape(bottom[0].shape)
         if len(top) > 1:
             top[1].reshape(bottom[0].shape)
@@ -309,15 +315,7 @@ class AccuracyLayer(Layer, _LabelMixin):
         if bottom[1].count() == 0 or self.top_k > bottom[0].count() // bottom[1].count():
             self.fail("top_k must be less than or equal to the number of classes (top_k %d)"
                       % self.top_k, bottom=bottom, error=ShapeError)
-        axis = self._axis(bottom[0], self.layer_param.accuracy_param.axis, bottom)
-        self.outer = bottom[0].count(0, axis)
-        self.inner = bottom[0].count(axis + 1)
-        self.channels = bottom[0].shape[axis]
-        if self.outer * self.inner != bottom[1].count():
-            self.fail("number of labels must match number of predictions: with axis %d and "
-                      "prediction shape %s the label count must be %d, got %d"
-                      % (axis, bottom[0].shape, self.outer * self.inner, bottom[1].count()),
-                      bottom=bottom, error=ShapeError)
+        self._set_class_geometry(bottom, self.layer_param.accuracy_param.axis)
         top[0].reshape(())
         if len(top) > 1:
             top[1].reshape((self.channels,))
@@ -656,15 +654,7 @@ class InfogainLossLayer(LossLayer):
 
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
-        axis = self._axis(bottom[0], self.layer_param.infogain_loss_param.axis, bottom)
-        self.outer = bottom[0].count(0, axis)
-        self.inner = bottom[0].count(axis + 1)
-        self.channels = bottom[0].shape[axis]
-        if self.outer * self.inner != bottom[1].count():
-            self.fail("number of labels must match number of predictions: with axis %d and "
-                      "prediction shape %s the label count must be %d, got %d"
-                      % (axis, bottom[0].shape, self.outer * self.inner, bottom[1].count()),
-                      bottom=bottom, error=ShapeError)
+        self._set_class_geometry(bottom, self.layer_param.infogain_loss_param.axis)
         H = self._H if self._H is not None else bottom[2]
         if H.count() != self.channels * self.channels:
             self.fail("the infogain matrix must hold %d x %d values, got shape %s"
