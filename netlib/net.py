@@ -251,12 +251,16 @@ class Net:
                     self._blob_list.append(Blob((), dtype=self.dtype, xp=self.xp))
                     self._blob_names.append(tname)
                     blob_need_backward.append(False)
+                    # Caffe's anonymous tops (a loss layer with no top) are
+                    # net blobs, listed as "(automatic)" as pycaffe does, but
+                    # never available to later layers nor net outputs.
+                    self.blobs[tname] = self._blob_list[tid]
                     if tname != "(automatic)":
                         name_to_id[tname] = tid
-                        self.blobs[tname] = self._blob_list[tid]
                     if lp.type == "Input":
                         self._input_ids.append(tid)
-                available[tname] = tid
+                if tname != "(automatic)":
+                    available[tname] = tid
                 tops.append(self._blob_list[tid])
                 top_ids.append(tid)
             self.bottom_vecs.append(bottoms)

@@ -1,2 +1,7 @@
-"""Built-in layers, one module per family; importing them registers every type."""
+"""Built-in layers, one module per family; importing them registers every type.
+
+The prefetching data layers (Data, ImageData, WindowData) live in the data
+pipeline package, :mod:`netlib.data`.
+"""
 from . import data, vision, neuron, common, loss, normalization  # noqa: F401
+from ..data import layers as _data_layers, window as _window_layer  # noqa: F401
