@@ -476,7 +476,7 @@ def test_data_mnist_from_small_idx_files(tmp_path, capsys):
             _write_idx(src / "t10k-labels.idx1-ubyte", labels, False)
         ref[prefix] = (images, labels)
     out = tmp_path / "out"
-    code, _, err = run_main(capsys, "data", "mnist", "--from", str(src), "--out", str(out))
+    code, _, err = run_main(capsys, "data", "mnist", "--from", str(src), "--out", str(out), "--backend", "hdf5")
     assert code == 0, err
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images, labels = ref[prefix]

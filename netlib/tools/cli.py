@@ -36,6 +36,16 @@ log = logging.getLogger("netlib")
 
 COMMANDS = ("train", "test", "time", "device_query", "data")
 
+#: Caffe's other binaries and tools/extra scripts: ``netlib NAME ARGS`` runs
+#: ``main(ARGS)`` of the module, which parses its own (gflags-style) flags.
+TOOLS = {
+    "convert_imageset": "netlib.tools.convert_imageset",
+    "compute_image_mean": "netlib.tools.compute_image_mean",
+    "extract_features": "netlib.tools.extract_features",
+    "parse_log": "netlib.tools.parse_log",
+    "plot_training_log": "netlib.tools.plot_log",
+}
+
 USAGE = """usage: netlib <command> <args>
 
 commands:
@@ -43,7 +53,13 @@ commands:
   test            score a model
   time            benchmark model execution time
   device_query    show CPU/NumPy and GPU (CuPy) information
-  data            prepare data sets: 'data mnist [--from DIR] [--out DIR]', 'data digits [--out DIR]'
+  data            prepare data sets: 'data mnist [--from DIR] [--out DIR] [--backend lmdb|leveldb|hdf5]',
+                  'data cifar10 --from DIR [--out DIR] [--backend lmdb|leveldb]', 'data digits [--out DIR]'
+  convert_imageset [FLAGS] ROOTFOLDER/ LISTFILE DB_NAME    images -> LMDB/LevelDB of Datums
+  compute_image_mean [--backend lmdb|leveldb] DB [MEAN.binaryproto]
+  extract_features WEIGHTS MODEL BLOB1,BLOB2 DB1,DB2 NUM_BATCHES [lmdb|leveldb|hdf5]
+  parse_log LOGFILE OUTPUT_DIR [--delimiter ,]               training log -> .train/.test CSV tables
+  plot_training_log CHART_TYPE OUT.png|svg LOG1 [LOG2 ...]  (netlib <tool> --help for each tool's flags)
 
 flags (--flag=value, --flag value or -flag value):
   --solver        the solver definition protocol buffer text file
@@ -91,7 +107,26 @@ def _build_parser():
     p.add_argument("--log", default="")
     p.add_argument("--from", dest="from_dir", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--backend", default=None)
     return p
+
+
+def tool_parser(prog, usage):
+    """An argparse parser for a ``netlib <tool>`` subcommand: errors raise
+    UsageError (one line, exit 1); ``--help`` prints ``usage`` and exits 0."""
+    p = _Parser(prog="netlib " + prog, usage=usage, add_help=False, allow_abbrev=False)
+    p.add_argument("-h", "--help", action="store_true")
+    return p
+
+
+def parse_tool_args(parser, argv):
+    """Parse gflags-style ``argv`` (``-flag v``, ``--flag=v``, anywhere) with
+    ``parser``; returns None after printing the usage for ``--help``."""
+    args = parser.parse_intermixed_args(normalize_argv(argv))
+    if args.help:
+        sys.stdout.write(parser.usage.rstrip() + "\n")
+        return None
+    return args
 
 
 def normalize_argv(argv):
@@ -518,8 +553,17 @@ def cmd_data(args):
     if what == "mnist":
         from . import mnist
         out = args.out or os.path.join("data", "mnist")
-        train, test = mnist.convert(args.from_dir, out)
+        train, test = mnist.convert(args.from_dir, out, backend=args.backend or "lmdb")
         log.info("MNIST ready: %s and %s", train, test)
+        return 0
+    if what == "cifar10":
+        from . import cifar10
+        if not args.from_dir:
+            raise UsageError("data cifar10 needs --from DIR, the folder of the CIFAR-10 binary batches "
+                             "(data_batch_1.bin ... test_batch.bin)")
+        out = args.out or os.path.join("data", "cifar10")
+        train, test = cifar10.convert(args.from_dir, out, backend=args.backend or "lmdb")
+        log.info("CIFAR-10 ready: %s and %s", train, test)
         return 0
     if what == "digits":
         from .. import datasets
@@ -527,7 +571,7 @@ def cmd_data(args):
         train, test = datasets.write_digits_hdf5(out)
         log.info("Digits ready: %s and %s", train, test)
         return 0
-    raise UsageError("unknown data set %r (mnist, digits)" % what)
+    raise UsageError("unknown data set %r (mnist, cifar10, digits)" % what)
 
 
 def _g(value):
@@ -548,6 +592,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     from ..errors import NetlibError
     try:
+        if argv and argv[0] in TOOLS:
+            import importlib
+            tool = importlib.import_module(TOOLS[argv[0]])
+            with logging_to(""):
+                return tool.main(argv[1:])
         args = parse_args(argv)
         if args.help or args.command == "help":
             sys.stdout.write(USAGE)
@@ -555,7 +604,8 @@ def main(argv=None):
         if not args.command:
             raise UsageError("no command given; one of %s (netlib --help)" % ", ".join(COMMANDS))
         if args.command not in _HANDLERS:
-            raise UsageError("unknown command %r; one of %s (netlib --help)" % (args.command, ", ".join(COMMANDS)))
+            raise UsageError("unknown command %r; one of %s (netlib --help)"
+                             % (args.command, ", ".join(COMMANDS + tuple(TOOLS))))
         if args.rest and args.command != "data":
             raise UsageError("unexpected arguments: %s" % " ".join(args.rest))
         with logging_to(args.log):

@@ -1,16 +1,28 @@
-"""MNIST: read the original IDX files and write the HDF5 files LeNet reads.
+"""MNIST: read the original IDX files and write the files Caffe's examples read.
 
-``netlib data mnist [--from DIR] [--out DIR]`` (see :func:`convert`):
+``netlib data mnist [--from DIR] [--out DIR] [--backend lmdb|leveldb|hdf5]``
+(see :func:`convert`) reads ``train-images-idx3-ubyte``,
+``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
+``t10k-labels-idx1-ubyte`` from DIR, gzipped (``.gz``) or plain (the
+``train-images.idx3-ubyte`` spelling also works); without ``--from`` it
+downloads the gzipped files into the output folder from the usual public
+mirrors and checks their SHA-256.  It then writes, by backend:
 
-* reads ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
-  ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte`` from DIR, gzipped
-  (``.gz``) or plain (the ``train-images.idx3-ubyte`` spelling also works);
-  without ``--from`` it downloads the gzipped files into the output folder
-  from the usual public mirrors and checks their SHA-256;
-* writes ``mnist_train.h5`` and ``mnist_test.h5`` with ``data`` float32
+* ``lmdb`` (the default) or ``leveldb``: Caffe's
+  ``examples/mnist/convert_mnist_data`` layout, in the folders
+  ``mnist_train_<backend>`` and ``mnist_test_<backend>`` that Caffe's
+  ``create_mnist.sh`` makes: one Datum per image under the key ``%08d``
+  (``00000000``, ``00000001``...), ``channels: 1``, ``height: 28``,
+  ``width: 28``, the 784 pixel bytes as they are in ``data`` and the digit in
+  ``label``.  These are the databases Caffe's own
+  ``examples/mnist/lenet_train_test.prototxt`` reads (with
+  ``transform_param { scale: 0.00390625 }``).  An existing database is
+  refused, as Caffe's ``db::NEW`` does.
+* ``hdf5``: ``mnist_train.h5`` and ``mnist_test.h5`` with ``data`` float32
   (N, 1, 28, 28) = pixel * 0.00390625 (the scale Caffe's LeNet applies in
   its transform_param) and ``label`` float32 (N,), and the lists
-  ``mnist_train_h5.txt`` / ``mnist_test_h5.txt`` for ``hdf5_data_param.source``.
+  ``mnist_train_h5.txt`` / ``mnist_test_h5.txt`` for
+  ``hdf5_data_param.source`` (what ``models/lenet`` reads).
 """
 import gzip
 import hashlib
@@ -150,16 +162,68 @@ def load(folder):
     return out
 
 
-def convert(src=None, out="data/mnist"):
-    """Write the HDF5 files (see the module docstring); returns the two list
-    paths ``(train_list, test_list)``.  ``src`` None means download."""
-    from ..datasets import write_hdf5_dataset
+BACKENDS = ("lmdb", "leveldb", "hdf5")
+
+
+def convert(src=None, out="data/mnist", backend="lmdb"):
+    """Convert the MNIST IDX files in ``src`` (None: download them into
+    ``out``) for ``backend`` (see the module docstring).
+
+    Returns ``(train, test)``: the two database folders
+    ``out/mnist_{train,test}_<backend>`` for ``lmdb``/``leveldb``, the two
+    HDF5 list files ``out/mnist_{train,test}_h5.txt`` for ``hdf5``.
+    """
+    backend = str(backend).lower()
+    if backend not in BACKENDS:
+        raise ConfigError("unknown MNIST output backend %r: use lmdb, leveldb or hdf5" % (backend,))
+    if backend != "hdf5":
+        targets = [os.path.join(out, "mnist_%s_%s" % (split, backend)) for split in ("train", "test")]
+        for target in targets:  # refuse before any work, as Caffe's db::NEW would
+            if os.path.exists(target):
+                raise ConfigError("%s already exists; remove it first (Caffe refuses to overwrite a "
+                                  "database)" % target)
     if src is None:
         src = download(out)
     elif not os.path.isdir(src):
         raise NetlibFileNotFoundError("%s: no such folder (--from)" % src)
     splits = load(src)
     os.makedirs(out, exist_ok=True)
+    if backend == "hdf5":
+        return _write_hdf5(splits, out)
+    return tuple(write_db(splits[split][0], splits[split][1], target, backend)
+                 for split, target in zip(("train", "test"), targets))
+
+
+def write_db(images, labels, db_path, backend="lmdb"):
+    """Caffe's convert_mnist_data: ``images`` uint8 (N, rows, cols) and
+    ``labels`` (N,) into a new LMDB/LevelDB at ``db_path`` (keys ``%08d``,
+    raw 1 x rows x cols Datums, a commit every 1000 records).  Returns
+    ``db_path``; an interrupted conversion leaves no database there."""
+    from ..data.db import create_db
+    from ..proto import caffe_pb2
+    images = numpy.ascontiguousarray(images, dtype=numpy.uint8)
+    labels = numpy.asarray(labels)
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise ConfigError("MNIST images %s and labels %s do not match" % (images.shape, labels.shape))
+    num, rows, cols = images.shape
+    log.info("A total of %d items.", num)
+    log.info("Rows: %d Cols: %d", rows, cols)
+    datum = caffe_pb2.Datum()
+    datum.channels, datum.height, datum.width = 1, rows, cols
+    with create_db(db_path, backend) as writer:
+        for item_id in range(num):
+            datum.data = images[item_id].tobytes()
+            datum.label = int(labels[item_id])
+            writer.put("%08d" % item_id, datum.SerializeToString())
+            if (item_id + 1) % 1000 == 0:
+                writer.commit()
+    log.info("Processed %d files.", num)
+    log.info("Wrote %d images to %s", num, db_path)
+    return db_path
+
+
+def _write_hdf5(splits, out):
+    from ..datasets import write_hdf5_dataset
     lists = []
     for split in ("train", "test"):
         images, labels = splits[split]
