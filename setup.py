@@ -4,6 +4,8 @@ import os
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = ["lmdb>=1.4", "plyvel>=1.5", "Pillow>=9"]
+PLOT = ["matplotlib>=3.5"]
 
 setup(
     name="netlib",
@@ -18,7 +20,13 @@ setup(
     include_package_data=True,
     install_requires=["numpy>=1.23", "protobuf>=7.35.1", "h5py>=3.6", "tqdm>=4.60"],
     extras_require={
-        "test": ["pytest>=7", "grpcio-tools>=1.85"],
+        # Caffe's databases and images: LMDB, LevelDB, JPEG/PNG decoding.
+        "data": DATA,
+        # plot_training_log's charts.
+        "plot": PLOT,
+        # The test suite: every optional feature, and OpenCV as the independent
+        # reference for netlib's own image decoding and resizing.
+        "test": ["pytest>=7", "grpcio-tools>=1.85", "opencv-python-headless>=4.8"] + DATA + PLOT,
         "gpu": ["cupy-cuda12x"],
     },
     entry_points={"console_scripts": ["netlib=netlib.tools.cli:main"]},

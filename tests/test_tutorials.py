@@ -101,7 +101,9 @@ def mnist_dir(tmp_path_factory):
     """``netlib data mnist --from shared/data/mnist`` into a temporary folder."""
     src = shared_path("data", "mnist")
     out = tmp_path_factory.mktemp("mnist") / "data" / "mnist"
-    code = cli.main(["data", "mnist", "--from", src, "--out", str(out)])
+    code = cli.main(["data", "mnist", "--from", src, "--out", str(out), "--backend", "hdf5"])
+    assert code == 0
+    code = cli.main(["data", "mnist", "--from", src, "--out", str(out)])  # mnist_{train,test}_lmdb too
     assert code == 0
     return out
 
@@ -185,7 +187,9 @@ def test_lenet_short_run(tmp_path, monkeypatch, mnist_dir):
 
 @pytest.mark.slow
 def test_lenet_full_tutorial(tmp_path, monkeypatch, mnist_dir):
-    """Caffe's LeNet solver unchanged: 10,000 iterations of batch 64, >= 99.0% test accuracy."""
+    """Caffe's LeNet tutorial unchanged (Data layers over the LMDBs that
+    ``netlib data mnist`` writes): >= 98.5% test accuracy after 2,000
+    iterations of batch 64 and >= 99.0% after 10,000."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NETLIB_NO_PROGRESS", "1")
     # Caffe's settings; only the seed is fixed so the run (and the test) is reproducible.
@@ -193,6 +197,7 @@ def test_lenet_full_tutorial(tmp_path, monkeypatch, mnist_dir):
                               "lenet.log")
     print("LeNet 10000 iterations: %.1f s" % elapsed)
     accs = test_accuracies(text)
+    assert dict(accs)[2000] >= 0.985, accs
     assert accs[-1][0] == 10000 and accs[-1][1] >= 0.99, accs[-5:]
     for it in (5000, 10000):
         assert os.path.isfile(os.path.join("models", "lenet", "lenet_iter_%d.caffemodel" % it))
