@@ -709,6 +709,13 @@ class Net:
                         if g_diff is not None:
                             g_diff.create_dataset(str(j), data=backend.to_numpy(blob.diff))
 
+    def close(self):
+        """Stop the data layers' prefetch threads and close their databases
+        now (otherwise that happens when the net is garbage-collected)."""
+        for layer in self.layers:
+            if hasattr(layer, "close"):
+                layer.close()
+
     def layer_states(self):
         """Positions of stateful layers (data readers), for exact resumes."""
         return {name: layer.state_dict() for name, layer in zip(self.layer_names, self.layers)

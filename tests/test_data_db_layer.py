@@ -317,3 +317,33 @@ def test_snapshot_of_lmdb_training_resumes_bit_for_bit(tmp_path, monkeypatch):
         for a, c in zip(straight.net.params[name], resumed.net.params[name]):
             numpy.testing.assert_array_equal(a.data, c.data)
     assert resumed.net.layers[0].batch == straight.net.layers[0].batch == 12
+
+
+def test_prefetch_threads_stop_with_the_net(tmp_path):
+    import gc
+    import threading
+    import time
+    source = write_db(tmp_path / "db", random_items(5, shape=(1, 4, 4)))
+
+    def workers():
+        return [t for t in threading.enumerate() if t.name.startswith("netlib-stopme")]
+
+    text = ('name: "d" layer { name: "stopme" type: "Data" top: "data" data_param { source: "%s" '
+            'backend: LMDB batch_size: 2 } }' % source)
+    net = netlib.Net(text, netlib.TEST)
+    net.forward()
+    assert workers()
+    del net  # a worker busy on a batch holds the layer: collect until none does
+    deadline = time.time() + 10
+    while workers() and time.time() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert not workers()
+    closed = netlib.Net(text, netlib.TEST)
+    closed.layers[0].close()
+    assert not workers()
+    assert closed.layers[0].db is None  # the database is released too
+    closed.forward()  # a closed layer starts again where it stopped
+    assert closed.layers[0].batch == 1
+    closed.close()
+    assert not workers()

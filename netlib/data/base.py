@@ -27,7 +27,8 @@ from .transformer import DataTransformer
 
 
 def _stop(prefetcher):
-    prefetcher.stop()
+    # Garbage collection may run this on a worker thread: never wait there.
+    prefetcher.stop(wait=False)
 
 
 class PrefetchingDataLayer(Layer):
@@ -77,6 +78,7 @@ class PrefetchingDataLayer(Layer):
 
     def _start(self):
         self._stop_prefetch()
+        self.open_source()
         depth = int(self.layer_param.data_param.prefetch)
         ref = weakref.ref(self)  # the threads must not keep the layer alive
 
@@ -92,14 +94,23 @@ class PrefetchingDataLayer(Layer):
 
     def _stop_prefetch(self):
         finalizer = getattr(self, "_finalizer", None)
-        if finalizer is not None:
-            finalizer()  # stops the threads once
-            self._finalizer = None
+        if finalizer is not None and finalizer.detach() is not None:
+            self._prefetcher.stop(wait=True)
+        self._finalizer = None
         self._prefetcher = None
 
+    def open_source(self):
+        """Hook: reopen what :meth:`close_source` released (a closed layer
+        that runs forward again continues where it stopped)."""
+
+    def close_source(self):
+        """Hook: release files and databases."""
+
     def close(self):
-        """Stop the prefetch threads (they also stop with the layer)."""
+        """Stop the prefetch threads and release the source (both also
+        happen when the layer is garbage-collected)."""
         self._stop_prefetch()
+        self.close_source()
 
     def reshape(self, bottom, top):
         """The tops are shaped by each batch in forward."""

@@ -56,11 +56,8 @@ class DataLayer(PrefetchingDataLayer):
         p = self.layer_param.data_param
         self.batch_size = int(p.batch_size)
         backend = backend_name(int(p.backend))
-        try:
-            self.db = open_db(p.source, backend)
-        except (NetlibFileNotFoundError, DatabaseError, ConfigError) as exc:
-            raise type(exc)("%s: %s" % (self.describe(), exc)) from None
-        weakref.finalize(self, self.db.close)
+        self.db = None
+        self.open_source()
         if len(self.db) == 0:
             self.fail("the %s database %s is empty" % (backend, p.source), error=DatabaseError)
         self.mode = "color" if p.force_encoded_color else self.transformer.decode_mode
@@ -70,6 +67,20 @@ class DataLayer(PrefetchingDataLayer):
                                                           self.mode))
         top[0].reshape((self.batch_size,) + tuple(shape))
         log.info("%s: output data size: %s", self.name, ",".join(str(d) for d in top[0].shape))
+
+    def open_source(self):
+        if self.db is None:
+            p = self.layer_param.data_param
+            try:
+                self.db = open_db(p.source, backend_name(int(p.backend)))
+            except (NetlibFileNotFoundError, DatabaseError, ConfigError) as exc:
+                raise type(exc)("%s: %s" % (self.describe(), exc)) from None
+            self._db_finalizer = weakref.finalize(self, self.db.close)
+
+    def close_source(self):
+        if self.db is not None:
+            self._db_finalizer()
+            self.db = None
 
     def state_loaded(self):
         rand_skip = int(self.layer_param.data_param.rand_skip)

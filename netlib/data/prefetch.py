@@ -17,7 +17,6 @@ import concurrent.futures
 import logging
 import os
 import threading
-import time
 
 log = logging.getLogger("netlib")
 
@@ -81,7 +80,7 @@ class Prefetcher:
             except BaseException as exc:
                 with self._lock:
                     self._failed = exc
-                self.stop()
+                self.stop(wait=False)
                 raise
         with self._lock:
             if self._failed is None and self._pool is not None:
@@ -89,15 +88,17 @@ class Prefetcher:
                 self._next_submit += 1
         return result
 
-    def stop(self):
-        """Cancel the batches not started, wait for the running ones, end the threads."""
+    def stop(self, wait=True):
+        """Cancel the batches not started and end the threads (after the
+        running batches finish; ``wait`` blocks until then)."""
         with self._lock:
             pending, self._pending = self._pending, []
             pool, self._pool = self._pool, None
         for f in pending:
             f.cancel()
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=wait and threading.current_thread() not in getattr(pool, "_threads", ()),
+                          cancel_futures=True)
 
     def __del__(self):  # pragma: no cover - interpreter-dependent timing
         try:
@@ -132,6 +133,3 @@ class BufferPool:
             if len(free) < 16:
                 free.append(array)
 
-
-def elapsed_ms(t0):
-    return (time.perf_counter() - t0) * 1000.0
