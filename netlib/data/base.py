@@ -63,11 +63,13 @@ class PrefetchingDataLayer(Layer):
         t = self.layer_param.transform_param
         return bool(t.mirror or (t.crop_size and self.phase == 0))
 
-    def data_setup(self, top):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def data_setup(self, top):
+        """Open the source, shape the tops, set ``self.batch_size``."""
+        self.fail("class %s does not define data_setup(top)" % type(self).__name__)
 
-    def load_batch(self, b, rng):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def load_batch(self, b, rng):
+        """Return ``(data, labels)`` of batch ``b`` (see the module docstring)."""
+        self.fail("class %s does not define load_batch(b, rng)" % type(self).__name__)
 
     def batch_rng(self, b, stream=0):
         """The generator of batch ``b`` (``stream`` separates independent uses)."""

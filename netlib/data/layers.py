@@ -58,6 +58,7 @@ class DataLayer(PrefetchingDataLayer):
         backend = backend_name(int(p.backend))
         self.db = None
         self.open_source()
+        log.info("Opened %s %s", backend, p.source)
         if len(self.db) == 0:
             self.fail("the %s database %s is empty" % (backend, p.source), error=DatabaseError)
         self.mode = "color" if p.force_encoded_color else self.transformer.decode_mode
@@ -66,7 +67,7 @@ class DataLayer(PrefetchingDataLayer):
         shape = self.transformer.output_shape(datum_shape(first, self._where(self.skip % len(self.db)),
                                                           self.mode))
         top[0].reshape((self.batch_size,) + tuple(shape))
-        log.info("%s: output data size: %s", self.name, ",".join(str(d) for d in top[0].shape))
+        log.info("output data size: %s", ",".join(str(d) for d in top[0].shape))
 
     def open_source(self):
         if self.db is None:
@@ -86,7 +87,7 @@ class DataLayer(PrefetchingDataLayer):
         rand_skip = int(self.layer_param.data_param.rand_skip)
         self.skip = int(self.batch_rng(0, stream=7).integers(rand_skip)) if rand_skip else 0
         if self.skip:
-            log.info("%s: skipping the first %d data points", self.name, self.skip)
+            log.info("Skipping first %d data points.", self.skip)
 
     def _where(self, index):
         return "record %r of %s" % (self.db.keys[index].decode("utf-8", "replace"), self.db.describe())
@@ -98,7 +99,7 @@ class DataLayer(PrefetchingDataLayer):
         n, bs = len(self.db), self.batch_size
         start = self.skip + b * bs
         if _crossed_end(start, bs, n):
-            log.info("%s: Restarting data prefetching from start.", self.name)
+            log.info("Restarting data prefetching from start.")
         index = (start + numpy.arange(bs)) % n
         datums = [self._datum(i) for i in index]
         first = datums[0]
@@ -183,14 +184,14 @@ class ImageDataLayer(PrefetchingDataLayer):
         self.root_folder = p.root_folder
         self.source = p.source
         self.lines = read_image_list(p.source, self.describe())
-        log.info("%s: a total of %d images", self.name, len(self.lines))
+        log.info("A total of %d images.", len(self.lines))
         self._perm_lock = threading.Lock()
         self._perms = {}
         self.state_loaded()
         first = self._load(self._line(0))
         shape = self.transformer.output_shape((first.shape[2], first.shape[0], first.shape[1]))
         top[0].reshape((self.batch_size,) + tuple(shape))
-        log.info("%s: output data size: %s", self.name, ",".join(str(d) for d in top[0].shape))
+        log.info("output data size: %s", ",".join(str(d) for d in top[0].shape))
 
     def state_loaded(self):
         rand_skip = int(self.layer_param.image_data_param.rand_skip)
@@ -233,7 +234,7 @@ class ImageDataLayer(PrefetchingDataLayer):
         bs = self.batch_size
         start = b * bs
         if _crossed_end(self.skip + start, bs, len(self.lines)):
-            log.info("%s: Restarting data prefetching from start.", self.name)
+            log.info("Restarting data prefetching from start.")
         lines = [self._line(start + k) for k in range(bs)]
         images = [self._load(i) for i in lines]
         for img, i in zip(images, lines):

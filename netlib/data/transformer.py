@@ -22,10 +22,14 @@ samples do not depend on how many threads prepare batches).  This is host-side
 data preparation on NumPy arrays; the data layers copy the result into their
 top blobs, which may live on the GPU.
 """
+import os
+
 import numpy
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..errors import ConfigError, ShapeError
+from ..blob import blobproto_to_array
+from ..errors import ConfigError, NetlibFileNotFoundError, ShapeError
+from ..io import read_blobproto
 from ..proto import caffe_pb2
 from .datum import decode_mode
 
@@ -45,10 +49,9 @@ class DataTransformer:
         self.crop_size = int(p.crop_size)
         self.scale = self.dtype.type(p.scale)
         self.mirror = bool(p.mirror)
-        self.decode_mode = decode_mode(p.force_color, p.force_gray) if (p.force_color or p.force_gray) \
-            else "native"
         if p.force_color and p.force_gray:
             raise ConfigError("%s: cannot set both force_color and force_gray" % where)
+        self.decode_mode = decode_mode(p.force_color, p.force_gray)
         if p.HasField("mean_file") and len(p.mean_value):
             raise ConfigError("%s: cannot specify mean_file and mean_value at the same time" % where)
         self.mean = None
@@ -147,10 +150,6 @@ class DataTransformer:
 
 def load_mean(path, dtype=numpy.float32):
     """A mean ``.binaryproto`` as a (C, H, W) array (legacy 4-D num = 1)."""
-    from ..blob import blobproto_to_array
-    from ..errors import NetlibFileNotFoundError
-    from ..io import read_blobproto
-    import os
     if not os.path.isfile(path):
         raise NetlibFileNotFoundError("mean file %s not found (transform_param.mean_file)" % path)
     arr = numpy.asarray(blobproto_to_array(read_blobproto(path)))

@@ -162,7 +162,7 @@ class WindowDataLayer(PrefetchingDataLayer):
         log.info("%s: %d images, %d foreground and %d background windows", self.name, len(images),
                  len(self.fg), len(self.bg))
         for label in sorted(hist):
-            log.info("%s: class %d has %d samples", self.name, label, hist[label])
+            log.info("class %d has %d samples", label, hist[label])
         if not self.fg or not self.bg:
             self.fail("%s has %d foreground and %d background windows; both kinds are needed"
                       % (p.source, len(self.fg), len(self.bg)), error=ConfigError)

@@ -6,8 +6,8 @@ readers that keep a position (HDF5Data, MemoryData) expose ``state_dict()`` /
 ``load_state_dict(d)`` so a solver snapshot can record where reading stopped
 and a resumed run continues with exactly the same batches.
 
-Prefetching layers (Data/ImageData/WindowData) live elsewhere; the layers here
-read synchronously, as Caffe's do.
+The prefetching layers (Data/ImageData/WindowData) live in the data pipeline
+package, :mod:`netlib.data`; the layers here read synchronously, as Caffe's do.
 """
 import logging
 import os
