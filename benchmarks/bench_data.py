@@ -7,10 +7,13 @@
    MNIST LMDB against the same net on in-memory data (MemoryData): time per
    iteration and their ratio; the prefetch should hide the loading.
 
-    python benchmarks/bench_data.py [--mnist DIR] [--iters 300]
+    python benchmarks/bench_data.py [--mnist DIR] [--iters 300] [--caffe PATH]
 
 DIR holds the MNIST IDX files (default ../shared/data/mnist).  Needs lmdb and
-Pillow.  Prints one line per measurement.
+Pillow.  With ``--caffe`` (real Caffe's binary, e.g. /opt/caffe/bin/caffe from
+shared/tools/build-reference-caffe.sh) it also times Caffe's Data layer on the
+raw database with ``caffe time`` (that build has no OpenCV, so no JPEG).
+Prints one line per measurement.
 """
 import argparse
 import os
@@ -44,7 +47,7 @@ def smooth_images(n, seed=0):
     return out
 
 
-def images_per_second(db_path, mean_path, batches=20):
+def images_per_second(db_path, mean_path, batches=40):
     net = netlib.Net('name: "b" layer { name: "data" type: "Data" top: "data" top: "label" '
                      'transform_param { crop_size: 227 mirror: true mean_file: "%s" } '
                      'data_param { source: "%s" backend: LMDB batch_size: 64 } }' % (mean_path, db_path),
@@ -59,22 +62,41 @@ def images_per_second(db_path, mean_path, batches=20):
     return batches * 64 / elapsed
 
 
+def caffe_images_per_second(caffe, db_path, mean_path, tmp, iterations=40):
+    """Caffe's Data layer on the same database: 64 / its average forward time."""
+    import re
+    import subprocess
+    model = os.path.join(tmp, "caffe_data.prototxt")
+    with open(model, "w") as f:
+        f.write('name: "b" layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN } '
+                'transform_param { crop_size: 227 mirror: true mean_file: "%s" } '
+                'data_param { source: "%s" backend: LMDB batch_size: 64 } }\n' % (mean_path, db_path))
+    run = subprocess.run([caffe, "time", "--model=" + model, "--iterations=%d" % iterations],
+                         capture_output=True, text=True)
+    found = re.search(r"Average Forward pass: ([0-9.]+) ms", run.stderr + run.stdout)
+    return 64 / (float(found.group(1)) / 1000.0) if found else float("nan")
+
+
 def lenet_text(data_layer):
     text = open(os.path.join(HERE, "..", "models", "lenet", "lenet_train_test.prototxt")).read()
     body = text[text.index('layer {\n  name: "conv1"'):]
     return 'name: "LeNet"\n' + data_layer + body
 
 
-def lenet_ms_per_iter(net_text, iters, memory_data=None):
+def lenet_solver(net_text, memory_data=None):
     param = caffe_pb2.SolverParameter()
     from google.protobuf import text_format
     text_format.Merge('base_lr: 0.01 momentum: 0.9 weight_decay: 0.0005 lr_policy: "inv" gamma: 0.0001 '
-                      'power: 0.75 display: 0 max_iter: 100000 solver_mode: CPU random_seed: 1', param)
+                      'power: 0.75 display: 0 max_iter: 1000000 solver_mode: CPU random_seed: 1', param)
     text_format.Merge(net_text, param.net_param)
     solver = netlib.get_solver(param)
     if memory_data is not None:
         solver.net.set_input_arrays(*memory_data)
     solver.step(20)  # warm-up
+    return solver
+
+
+def timed_steps(solver, iters):
     start = time.perf_counter()
     solver.step(iters)
     return (time.perf_counter() - start) * 1000.0 / iters
@@ -83,7 +105,10 @@ def lenet_ms_per_iter(net_text, iters, memory_data=None):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mnist", default=os.path.join(HERE, "..", "..", "shared", "data", "mnist"))
-    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--lenet-only", action="store_true", help="skip the images/s measurements")
+    ap.add_argument("--caffe", default=None, help="real Caffe's binary, to time its Data layer too")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="netlib-bench-data-")
     try:
@@ -92,7 +117,7 @@ def main():
         mean.data.extend(numpy.stack(imgs).mean(0).transpose(2, 0, 1).ravel().astype(float).tolist())
         mean_path = os.path.join(tmp, "mean.binaryproto")
         netlib.io.write_binary_proto(mean_path, mean)
-        for kind in ("raw", "jpeg"):
+        for kind in () if args.lenet_only else ("raw", "jpeg"):
             path = os.path.join(tmp, kind)
             with create_db(path, "lmdb") as db:
                 for i, img in enumerate(imgs):
@@ -102,6 +127,9 @@ def main():
             rate = images_per_second(path, mean_path)
             print("Data layer, %s 3x256x256 Datums, crop 227 + mirror + mean file, batch 64: %.0f images/s"
                   % (kind, rate))
+            if kind == "raw" and args.caffe:
+                print("  real Caffe's Data layer on the same database (caffe time): %.0f images/s"
+                      % caffe_images_per_second(args.caffe, path, mean_path, tmp))
 
         from netlib.tools import mnist
         mnist_dir = os.path.join(tmp, "mnist")
@@ -115,14 +143,20 @@ def main():
                   numpy.asarray(labels[:n], dtype=numpy.float32))
         mem_layer = ('layer { name: "mnist" type: "MemoryData" top: "data" top: "label" memory_data_param { '
                      'batch_size: 64 channels: 1 height: 28 width: 28 } }\n')
-        # Alternate the two and keep each one's best round: other load on the
-        # machine then affects both alike.
-        lmdb_ms = mem_ms = float("inf")
-        for _ in range(3):
-            lmdb_ms = min(lmdb_ms, lenet_ms_per_iter(lenet_text(data_layer), args.iters))
-            mem_ms = min(mem_ms, lenet_ms_per_iter(lenet_text(mem_layer), args.iters, arrays))
-        print("LeNet training, batch 64: LMDB Data layer %.2f ms/iter, in-memory MemoryData %.2f ms/iter, "
-              "ratio %.3f" % (lmdb_ms, mem_ms, lmdb_ms / mem_ms))
+        # Both solvers live side by side and take turns, a short round each:
+        # the machine's drifting load (a shared VM here) then hits both alike,
+        # and the median of the per-round ratios is the figure.
+        lmdb_solver = lenet_solver(lenet_text(data_layer))
+        mem_solver = lenet_solver(lenet_text(mem_layer), arrays)
+        lmdb_ms, mem_ms = [], []
+        for _ in range(args.rounds):
+            lmdb_ms.append(timed_steps(lmdb_solver, args.iters))
+            mem_ms.append(timed_steps(mem_solver, args.iters))
+        ratios = [a / b for a, b in zip(lmdb_ms, mem_ms)]
+        print("LeNet training, batch 64, %d alternating rounds of %d iterations: LMDB Data layer %.2f ms/iter, "
+              "in-memory MemoryData %.2f ms/iter (medians); median ratio %.3f (quartiles %.3f-%.3f)"
+              % (args.rounds, args.iters, numpy.median(lmdb_ms), numpy.median(mem_ms), numpy.median(ratios),
+                 numpy.percentile(ratios, 25), numpy.percentile(ratios, 75)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -131,6 +131,18 @@ class Blob:
     def data(self, value):
         self.data[...] = value
 
+    def set_data(self, array):
+        """Adopt ``array`` as the data buffer, without a copy (Caffe's
+        set_cpu_data): it must be C-contiguous, of the blob's dtype and array
+        module, with ``count`` elements.  Returns the previous buffer (or
+        None).  Blobs sharing the old buffer keep it until they share again."""
+        if (array.dtype != self.dtype or array.size != self._count or not array.flags.c_contiguous
+                or backend.get_array_module(array) is not self.xp):
+            raise ShapeError("set_data needs a C-contiguous %s array of %d elements; got %s %s"
+                             % (self.dtype, self._count, array.dtype, tuple(array.shape)))
+        old, self._data_buf = self._data_buf, array.reshape(-1)
+        return old
+
     @property
     def diff(self):
         """The gradient with respect to the values, same shape as ``data``."""

@@ -155,3 +155,28 @@ def test_errors(tmp_path):
         DataTransformer(make_param(force_color=True, force_gray=True))
     with pytest.raises(FileNotFoundError, match="nope.binaryproto"):
         DataTransformer(make_param(mean_file=str(tmp_path / "nope.binaryproto")))
+
+
+@pytest.mark.parametrize("crop,phase", [(5, caffe_pb2.TEST), (0, caffe_pb2.TEST), (0, caffe_pb2.TRAIN),
+                                        (8, caffe_pb2.TRAIN)])
+@pytest.mark.parametrize("mean_kind", ["file", "values", "none"])
+def test_mirror_in_every_layout_matches_reference(tmp_path, crop, phase, mean_kind):
+    rng = numpy.random.default_rng(8)
+    batch = rng.integers(0, 256, size=(12, 3, 8, 10)).astype(numpy.uint8)
+    kw = dict(mirror=True, scale=0.25)
+    mean = None
+    if crop:
+        kw["crop_size"] = crop
+    if mean_kind == "file":
+        mean = (rng.random((3, 8, 10)) * 255).astype(numpy.float32)
+        kw["mean_file"] = write_mean(tmp_path / "m.binaryproto", mean)
+    elif mean_kind == "values":
+        kw["mean_value"] = [1.5, 2.5, 3.5]
+    t = DataTransformer(make_param(**kw), phase)
+    h_off, w_off, flags = t.draw(numpy.random.default_rng(2), 12, 8, 10)
+    keep = batch.copy()
+    out = t.apply(batch, h_off, w_off, flags)
+    numpy.testing.assert_array_equal(batch, keep)  # the input is never modified
+    for i in range(12):
+        ref = naive_transform(batch[i], crop, h_off[i], w_off[i], flags[i], 0.25, mean, kw.get("mean_value"))
+        numpy.testing.assert_array_equal(out[i], ref)

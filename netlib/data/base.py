@@ -123,11 +123,18 @@ class PrefetchingDataLayer(Layer):
         data, labels = self._prefetcher.next()
         self.batch += 1
         top[0].reshape(data.shape)
-        top[0].data[...] = self.xp.asarray(data)
+        if self.xp is numpy:
+            # Hand the batch's buffer to the top and take the top's old buffer
+            # for a later batch, as Caffe's set_cpu_data does: no copy.
+            old = top[0].set_data(data)
+            if old is not None and old.size == data.size:
+                self.buffers.give(old.reshape(data.shape))
+        else:
+            top[0].data[...] = self.xp.asarray(data)
+            self.buffers.give(data)
         if self.output_labels:
             top[1].reshape(labels.shape)
             top[1].data[...] = self.xp.asarray(labels)
-        self.buffers.give(data)
 
     def backward(self, top, propagate_down, bottom):
         """Data layers have no backward."""

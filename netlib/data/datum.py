@@ -20,7 +20,9 @@ class DatumError(NetlibError, ValueError):
 
 
 def parse_datum(value, where="<record>"):
-    """``value`` (bytes) as a Datum; DatumError if it is not one.
+    """``value`` (bytes) as a Datum; DatumError if it is not one.  ``where``
+    names the record in errors (a string, or a function returning one, so a
+    hot loop only builds the name when it is needed).
 
     Protobuf accepts many byte strings (unknown fields are kept), so a record
     also counts as "not a Datum" when it sets none of the Datum fields or
@@ -30,12 +32,66 @@ def parse_datum(value, where="<record>"):
     try:
         datum.ParseFromString(bytes(value))
     except (_message.DecodeError, RuntimeError, ValueError, TypeError) as exc:
-        raise DatumError("%s is not a Datum (%s)" % (where, exc)) from None
+        raise DatumError("%s is not a Datum (%s)" % (_name(where), exc)) from None
     if len(unknown_fields.UnknownFieldSet(datum)):
-        raise DatumError("%s is not a Datum (it holds fields a Datum does not have)" % where)
-    if not datum.ListFields():
-        raise DatumError("%s is not a Datum (no Datum field is set)" % where)
+        raise DatumError("%s is not a Datum (it holds fields a Datum does not have)" % _name(where))
+    if not any(datum.HasField(f) for f in _SCALAR_FIELDS) and not len(datum.float_data):
+        raise DatumError("%s is not a Datum (no Datum field is set)" % _name(where))
     return datum
+
+
+def _name(where):
+    return where() if callable(where) else where
+
+
+_SCALAR_FIELDS = ("channels", "height", "width", "data", "label", "encoded")
+
+
+def _varint(buf, pos):
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def raw_datum(value):
+    """The fast path for the common record, a raw uint8 Datum:
+    ``(channels, height, width, label, pixels)`` with ``pixels`` a
+    memoryview into ``value`` (no copy), read straight from the protobuf wire
+    format.  None for anything else (encoded, float_data, unexpected or
+    malformed fields): :func:`parse_datum` then handles the record."""
+    view = memoryview(value)
+    fields = {}
+    pixels = None
+    pos, end = 0, len(view)
+    try:
+        while pos < end:
+            key, pos = _varint(view, pos)
+            number, wire = key >> 3, key & 7
+            if wire == 0 and number in (1, 2, 3, 5, 7):
+                fields[number], pos = _varint(view, pos)
+            elif wire == 2 and number == 4:
+                length, pos = _varint(view, pos)
+                if pos + length > end:
+                    return None
+                pixels = view[pos:pos + length]
+                pos += length
+            else:
+                return None
+    except (IndexError, ValueError):
+        return None
+    if pixels is None or fields.get(7, 0):
+        return None
+    label = fields.get(5, 0)
+    if label >= 1 << 63:  # a negative int32 label, sign-extended to 64 bits
+        label -= 1 << 64
+    return fields.get(1, 0), fields.get(2, 0), fields.get(3, 0), label, pixels
 
 
 def decode_mode(force_color=False, force_gray=False):

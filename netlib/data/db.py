@@ -80,6 +80,12 @@ class Database:
     def value(self, index):
         return self.get(self.keys[index])
 
+    def value_view(self, index):
+        """Record ``index`` without a copy where the backend allows (LMDB: a
+        read-only buffer into the memory map, valid while this reader is
+        open; copy what must outlive it).  Other backends return bytes."""
+        return self.value(index)
+
     def __iter__(self):
         for key in self.keys:
             yield key, self.get(key)
@@ -99,6 +105,26 @@ class Database:
 
 _LMDB_ENVS = {}  # real path -> [environment, keys, reference count]
 _LMDB_LOCK = threading.Lock()
+# Releases that came while the lock was held: garbage collection can run a
+# reader's finalizer anywhere, even inside the locked code of another reader
+# in the same thread, so close() never blocks on the lock; it leaves the
+# release here for whoever holds the lock next.
+_LMDB_DEFERRED = []
+
+
+def _release_lmdb(real, env):
+    """Drop one reference to ``env`` (the lock is held)."""
+    entry = _LMDB_ENVS.get(real)
+    if entry is not None and entry[0] is env:
+        entry[2] -= 1
+        if entry[2] <= 0:
+            del _LMDB_ENVS[real]
+            env.close()
+
+
+def _drain_deferred():
+    while _LMDB_DEFERRED:
+        _release_lmdb(*_LMDB_DEFERRED.pop())
 
 
 class LMDBDatabase(Database):
@@ -112,6 +138,7 @@ class LMDBDatabase(Database):
         lmdb = _import("lmdb")
         self._real = os.path.realpath(path)
         with _LMDB_LOCK:
+            _drain_deferred()
             entry = _LMDB_ENVS.get(self._real)
             if entry is None:
                 try:
@@ -138,17 +165,27 @@ class LMDBDatabase(Database):
             raise DatabaseError("%s: no record with key %r" % (self.describe(), key))
         return value
 
+    def value_view(self, index):
+        txn = getattr(self._local, "view_txn", None)
+        if txn is None:
+            txn = self._local.view_txn = self._env.begin(buffers=True)
+        value = txn.get(self.keys[index])
+        if value is None:
+            raise DatabaseError("%s: no record with key %r" % (self.describe(), self.keys[index]))
+        return value
+
     def close(self):
         env, self._env = getattr(self, "_env", None), None
         if env is None:
             return
-        with _LMDB_LOCK:
-            entry = _LMDB_ENVS.get(self._real)
-            if entry is not None and entry[0] is env:
-                entry[2] -= 1
-                if entry[2] <= 0:
-                    del _LMDB_ENVS[self._real]
-                    env.close()
+        if _LMDB_LOCK.acquire(blocking=False):
+            try:
+                _drain_deferred()
+                _release_lmdb(self._real, env)
+            finally:
+                _LMDB_LOCK.release()
+        else:
+            _LMDB_DEFERRED.append((self._real, env))
 
 
 _VIEWS = set()

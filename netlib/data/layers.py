@@ -15,7 +15,7 @@ import numpy
 from ..errors import ConfigError, NetlibFileNotFoundError, ShapeError
 from ..layer import register_layer
 from .base import PrefetchingDataLayer
-from .datum import datum_shape, datum_to_array, parse_datum
+from .datum import datum_shape, datum_to_array, parse_datum, raw_datum
 from .db import DatabaseError, backend_name, open_db
 from . import image as _image
 
@@ -93,7 +93,7 @@ class DataLayer(PrefetchingDataLayer):
         return "record %r of %s" % (self.db.keys[index].decode("utf-8", "replace"), self.db.describe())
 
     def _datum(self, index):
-        return parse_datum(self.db.value(index), self._where(index))
+        return parse_datum(self.db.value(index), lambda: self._where(index))
 
     def load_batch(self, b, rng):
         n, bs = len(self.db), self.batch_size
@@ -101,16 +101,15 @@ class DataLayer(PrefetchingDataLayer):
         if _crossed_end(start, bs, n):
             log.info("Restarting data prefetching from start.")
         index = (start + numpy.arange(bs)) % n
-        datums = [self._datum(i) for i in index]
-        first = datums[0]
-        raw = not first.encoded and len(first.data) > 0
-        shape = (first.channels, first.height, first.width)
-        size = shape[0] * shape[1] * shape[2]
-        if raw and all(not d.encoded and len(d.data) == size and (d.channels, d.height, d.width) == shape
-                       for d in datums):
-            batch = numpy.frombuffer(b"".join(d.data for d in datums), dtype=numpy.uint8)
-            batch = batch.reshape((bs,) + shape)
+        values = [self.db.value_view(i) for i in index]  # views: copied once, below
+        raws = [raw_datum(v) for v in values]
+        shape = raws[0][:3] if raws[0] and min(raws[0][:3]) > 0 else None
+        if shape and all(r and r[:3] == shape and len(r[4]) == shape[0] * shape[1] * shape[2] for r in raws):
+            # Raw uint8 records of one shape: one copy, straight from the database values.
+            batch = numpy.frombuffer(b"".join(r[4] for r in raws), dtype=numpy.uint8).reshape((bs,) + shape)
+            labels = numpy.fromiter((r[3] for r in raws), dtype=self.dtype, count=bs)
         else:
+            datums = [parse_datum(v, lambda i=i: self._where(i)) for v, i in zip(values, index)]
             items = [datum_to_array(d, self._where(i), self.mode) for d, i in zip(datums, index)]
             for item, i in zip(items, index):
                 if item.shape != items[0].shape:
@@ -119,10 +118,10 @@ class DataLayer(PrefetchingDataLayer):
                                      "allows varying sizes)" % (self.describe(), self._where(i),
                                                                 item.shape, items[0].shape))
             batch = numpy.stack(items)
+            labels = numpy.fromiter((d.label for d in datums), dtype=self.dtype, count=bs)
         h, w = batch.shape[2], batch.shape[3]
         out = self.buffers.take((bs,) + self.transformer.output_shape(batch.shape[1:]), self.dtype)
         self.transformer.apply(batch, *self.transformer.draw(rng, bs, h, w), out=out)
-        labels = numpy.fromiter((d.label for d in datums), dtype=self.dtype, count=bs)
         return out, labels
 
 

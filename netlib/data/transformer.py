@@ -103,31 +103,34 @@ class DataTransformer:
     def apply(self, batch, h_off, w_off, mirror, out=None):
         """Transform ``batch`` (N, C, H, W; uint8 or float; any strides, e.g. a
         transposed NHWC array) with the given offsets and flags into ``out``
-        (N, C, h, w) of the transformer's dtype (allocated when None)."""
+        (N, C, h, w) of the transformer's dtype (allocated when None).
+
+        Whole-batch NumPy: the crops are one gather from a sliding-window
+        view, mirroring flips the gathered pixels (before they become float)
+        and reads the mean from its mirrored copy, so the float output is
+        written once by the subtraction (and once more by ``scale``)."""
         n, c, h, w = batch.shape
         oc, oh, ow = self.output_shape((c, h, w))
         if out is None:
             out = numpy.empty((n, oc, oh, ow), dtype=self.dtype)
-        crop = self.crop_size
-        mean = self.mean
-        if crop:
-            h_off = numpy.asarray(h_off)
-            w_off = numpy.asarray(w_off)
-            if n and (h_off == h_off[0]).all() and (w_off == w_off[0]).all():
-                y, x = int(h_off[0]), int(w_off[0])
-                pixels = batch[:, :, y:y + crop, x:x + crop]
-                if mean is not None:
-                    mean = mean[None, :, y:y + crop, x:x + crop]
-            else:
-                rows = numpy.arange(n)
-                pixels = sliding_window_view(batch, (crop, crop), axis=(2, 3))[rows, :, h_off, w_off]
-                if mean is not None:
-                    windows = sliding_window_view(mean, (crop, crop), axis=(1, 2))
-                    mean = windows[:, h_off, w_off].transpose(1, 0, 2, 3)
+        mirror = numpy.asarray(mirror, dtype=bool)
+        flip = mirror.any()
+        crop = self.crop_size or None
+        h_off = numpy.asarray(h_off if crop else numpy.zeros(n, numpy.int64))
+        w_off = numpy.asarray(w_off if crop else numpy.zeros(n, numpy.int64))
+        same = n == 0 or ((h_off == h_off[0]).all() and (w_off == w_off[0]).all())
+        if same:
+            y, x = (int(h_off[0]), int(w_off[0])) if n else (0, 0)
+            pixels = batch[:, :, y:y + oh, x:x + ow]
         else:
-            pixels = batch
-        if mean is not None:
-            numpy.subtract(pixels, mean, out=out, dtype=self.dtype)
+            pixels = sliding_window_view(batch, (oh, ow), axis=(2, 3))[numpy.arange(n), :, h_off, w_off]
+        if flip:
+            if pixels.base is not None and same:
+                pixels = pixels.copy()  # a view of the caller's batch: flip a copy
+            pixels[mirror] = pixels[mirror][..., ::-1]
+        if self.mean is not None:
+            numpy.subtract(pixels, self._mean_windows(h_off, w_off, mirror, same, w, oh, ow),
+                           out=out, dtype=self.dtype)
         elif self.mean_values is not None:
             values = self.mean_values
             if len(values) == 1 and c > 1:
@@ -137,10 +140,22 @@ class DataTransformer:
             out[...] = pixels
         if self.scale != 1:
             out *= self.scale
-        mirror = numpy.asarray(mirror, dtype=bool)
-        if mirror.any():
-            out[mirror] = out[mirror][..., ::-1]
         return out
+
+    def _mean_windows(self, h_off, w_off, mirror, same, width, oh, ow):
+        """The mean at each item's (uncropped) pixel positions, mirrored
+        like the item: (N, C, oh, ow) or a broadcastable view."""
+        mean = self.mean
+        if same and not mirror.any():
+            y, x = (int(h_off[0]), int(w_off[0])) if len(h_off) else (0, 0)
+            return mean[None, :, y:y + oh, x:x + ow]
+        if getattr(self, "_mean2", None) is None:
+            # The mean and its left-right mirror, side by side: a mirrored
+            # item at column offset x reads the mirror at width - ow - x.
+            self._mean2 = numpy.ascontiguousarray(numpy.stack([mean, mean[..., ::-1]]))
+        windows = sliding_window_view(self._mean2, (oh, ow), axis=(2, 3))
+        x = numpy.where(mirror, width - ow - w_off, w_off)
+        return windows[mirror.astype(numpy.intp), :, h_off, x]
 
     def __call__(self, batch, rng):
         """Draw the random choices from ``rng`` and transform ``batch``."""
