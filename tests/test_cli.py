@@ -373,6 +373,9 @@ def test_sighup_snapshots_and_sigint_stops(work):
         _wait_for(proc, r"Iteration \d+, lr = ")
         proc.send_signal(signal.SIGHUP)
         _wait_for(proc, r"Snapshotting solver state")
+        # Stop only once training has moved past the snapshot's iteration, or
+        # the stop snapshot overwrites it (same file name) on a slow machine.
+        _wait_for(proc, r"Iteration \d+, lr = ")
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=60)[1]
     finally:

@@ -347,3 +347,36 @@ def test_prefetch_threads_stop_with_the_net(tmp_path):
     assert closed.layers[0].batch == 1
     closed.close()
     assert not workers()
+
+
+def test_raw_datum_fast_path_agrees_with_protobuf():
+    from netlib.data.datum import raw_datum
+    rng = numpy.random.default_rng(0)
+    for label in (0, 7, -1, -123456, 2 ** 31 - 1):
+        d = array_to_datum(rng.integers(0, 256, size=(2, 3, 4)).astype(numpy.uint8), label)
+        c, h, w, got_label, pixels = raw_datum(d.SerializeToString())
+        assert (c, h, w, got_label) == (2, 3, 4, label) and bytes(pixels) == d.data
+    assert raw_datum(array_to_datum(numpy.zeros((1, 2, 2), numpy.float32), 1).SerializeToString()) is None
+    assert raw_datum(encoded_datum(b"\x89PNG....", 1).SerializeToString()) is None
+    assert raw_datum(caffe_pb2.NetParameter(name="x").SerializeToString()) is None
+    assert raw_datum(b"\x22\xff\xff") is None  # truncated length
+
+
+def test_data_top_takes_the_batch_buffer_and_later_layers_follow(tmp_path):
+    """The batch buffer becomes the top's (no copy, as Caffe's set_cpu_data);
+    a Flatten after it shares the new buffer on every forward."""
+    items = random_items(6, shape=(1, 2, 3))
+    source = write_db(tmp_path / "db", items)
+    net = netlib.Net('name: "d" layer { name: "data" type: "Data" top: "data" top: "label" data_param { '
+                     'source: "%s" backend: LMDB batch_size: 2 } } layer { name: "flat" type: "Flatten" '
+                     'bottom: "data" top: "flat" }' % source, netlib.TEST)
+    for k in range(5):
+        net.forward()
+        expected = numpy.stack([items[(2 * k + j) % 6][0] for j in range(2)]).astype(numpy.float32)
+        numpy.testing.assert_array_equal(net.blobs["data"].data, expected)
+        numpy.testing.assert_array_equal(net.blobs["flat"].data, expected.reshape(2, 6))
+    blob = netlib.Blob((2, 3))
+    blob.set_data(numpy.arange(6, dtype=numpy.float32))
+    numpy.testing.assert_array_equal(blob.data, [[0, 1, 2], [3, 4, 5]])
+    with pytest.raises(netlib.ShapeError):
+        blob.set_data(numpy.zeros(5, numpy.float32))
