@@ -50,6 +50,7 @@ from . import random as nrandom
 from .backend import to_numpy
 from .blob import proto_shape, shape_equals
 from .errors import NetlibFileNotFoundError, WeightsError
+from .io import read_varint
 from .proto import caffe_pb2
 
 log = logging.getLogger("netlib")
@@ -147,21 +148,6 @@ def _varint(n):
             return bytes(out)
 
 
-def _read_varint(data, pos):
-    shift = result = 0
-    while True:
-        if pos >= len(data):
-            raise ValueError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
 def extra_field_bytes(payload, field_number=EXTRA_FIELD_NUMBER):
     """A serialized length-delimited protobuf field carrying ``payload``."""
     return _varint((field_number << 3) | 2) + _varint(len(payload)) + payload
@@ -172,14 +158,14 @@ def find_extra_field(data, field_number=EXTRA_FIELD_NUMBER):
     in serialized protobuf ``data``, or None."""
     pos, found = 0, None
     while pos < len(data):
-        key, pos = _read_varint(data, pos)
+        key, pos = read_varint(data, pos)
         number, wire = key >> 3, key & 7
         if wire == 0:
-            _, pos = _read_varint(data, pos)
+            _, pos = read_varint(data, pos)
         elif wire == 1:
             pos += 8
         elif wire == 2:
-            length, pos = _read_varint(data, pos)
+            length, pos = read_varint(data, pos)
             if number == field_number:
                 found = bytes(data[pos:pos + length])
             pos += length

@@ -154,6 +154,23 @@ def atomic_write(path, mode="wb"):
         raise
 
 
+def read_varint(data, pos):
+    """A protobuf varint of ``data`` (bytes or memoryview) at ``pos``:
+    ``(value, next position)``; ValueError when truncated or too long."""
+    shift = result = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
 def write_binary_proto(path, message):
     """Serialize ``message`` to ``path`` atomically."""
     with atomic_write(path) as handle:

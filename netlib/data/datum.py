@@ -12,6 +12,7 @@ from google.protobuf import message as _message
 from google.protobuf import unknown_fields
 
 from ..errors import NetlibError
+from ..io import read_varint
 from ..proto import caffe_pb2
 
 
@@ -47,19 +48,6 @@ def _name(where):
 _SCALAR_FIELDS = ("channels", "height", "width", "data", "label", "encoded")
 
 
-def _varint(buf, pos):
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
 def raw_datum(value):
     """The fast path for the common record, a raw uint8 Datum:
     ``(channels, height, width, label, pixels)`` with ``pixels`` a
@@ -72,12 +60,12 @@ def raw_datum(value):
     pos, end = 0, len(view)
     try:
         while pos < end:
-            key, pos = _varint(view, pos)
+            key, pos = read_varint(view, pos)
             number, wire = key >> 3, key & 7
             if wire == 0 and number in (1, 2, 3, 5, 7):
-                fields[number], pos = _varint(view, pos)
+                fields[number], pos = read_varint(view, pos)
             elif wire == 2 and number == 4:
-                length, pos = _varint(view, pos)
+                length, pos = read_varint(view, pos)
                 if pos + length > end:
                     return None
                 pixels = view[pos:pos + length]
