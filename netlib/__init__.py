@@ -12,6 +12,7 @@ from .errors import (NetlibError, ParseError, ConfigError, UnknownLayerTypeError
 from .layer import Layer, register_layer, layer_type_list  # noqa: F401
 from .net import Net  # noqa: F401
 from .random import set_random_seed  # noqa: F401
+from .python_layer import set_python_layers_allowed  # noqa: F401
 
 __version__ = "0.1.0"
 

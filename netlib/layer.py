@@ -85,8 +85,12 @@ def layer_class(type_name):
     return cls
 
 
-def create_layer(layer_param, phase=None, dtype=numpy.float32, xp=None):
-    """Instantiate the registered class for ``layer_param.type``."""
+def create_layer(layer_param, phase=None, dtype=numpy.float32, xp=None, allow_python_layers=None):
+    """Instantiate the registered class for ``layer_param.type``; a
+    ``Python`` layer is the user's class (see :mod:`netlib.python_layer`)."""
+    if layer_param.type == "Python":
+        from .python_layer import create_python_layer
+        return create_python_layer(layer_param, phase=phase, dtype=dtype, xp=xp, allowed=allow_python_layers)
     return layer_class(layer_param.type)(layer_param, phase=phase, dtype=dtype, xp=xp)
 
 
@@ -239,6 +243,9 @@ class Layer:
             self.fail("needs as many tops as bottoms (%d bottoms, %d tops)" % (nb, nt), bottom=bottom)
 
     def describe(self):
+        origin = getattr(self, "python_origin", None)
+        if origin:
+            return "layer %r (type %s, class %s)" % (self.name, self.type, origin)
         return "layer %r (type %s)" % (self.name, self.type)
 
     def fail(self, message, bottom=None, top=None, error=LayerError):

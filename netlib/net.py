@@ -151,7 +151,7 @@ class Net:
     """
 
     def __init__(self, model, *args, phase=None, level=0, stages=None, weights=None,
-                 dtype=numpy.float32, xp=None):
+                 dtype=numpy.float32, xp=None, allow_python_layers=None):
         if len(args) == 1:
             phase = args[0]
         elif len(args) == 2:
@@ -169,6 +169,7 @@ class Net:
             param.state.stage.extend(list(stages))
         self.dtype = numpy.dtype(dtype)
         self.xp = xp if xp is not None else backend.default_xp()
+        self._allow_python_layers = allow_python_layers
         self._init(param)
         if weights:
             for w in (weights.split(",") if isinstance(weights, str) else weights):
@@ -215,8 +216,11 @@ class Net:
                                   "bottom (%d values for %d bottoms)"
                                   % (lp.name, lp.type, len(lp.propagate_down), len(lp.bottom)))
             try:
-                layer = create_layer(lp, phase=lp.phase, dtype=self.dtype, xp=self.xp)
+                layer = create_layer(lp, phase=lp.phase, dtype=self.dtype, xp=self.xp,
+                                     allow_python_layers=getattr(self, "_allow_python_layers", None))
             except NetlibError as exc:
+                if str(exc).startswith("layer %r" % lp.name):
+                    raise  # already names the layer (Python layers: keeps the user's traceback)
                 raise type(exc)("layer %r: %s" % (lp.name, exc)) from None
             layer.net = self
             self.layers.append(layer)

@@ -75,6 +75,7 @@ flags (--flag=value, --flag value or -flag value):
   --sigint_effect action on SIGINT during train: stop, snapshot or none (default stop)
   --sighup_effect action on SIGHUP during train: stop, snapshot or none (default snapshot)
   --log           also write the log to this file
+  --forbid_python_layers  refuse nets with Python layers (type "Python") before importing any module
   --from, --out   folders for 'netlib data'
 """
 
@@ -108,6 +109,7 @@ def _build_parser():
     p.add_argument("--from", dest="from_dir", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--backend", default=None)
+    p.add_argument("--forbid_python_layers", action="store_true")
     return p
 
 
@@ -608,8 +610,15 @@ def main(argv=None):
                              % (args.command, ", ".join(COMMANDS + tuple(TOOLS))))
         if args.rest and args.command != "data":
             raise UsageError("unexpected arguments: %s" % " ".join(args.rest))
-        with logging_to(args.log):
-            return _HANDLERS[args.command](args)
+        from ..python_layer import python_layers_allowed, set_python_layers_allowed
+        allowed = python_layers_allowed()
+        try:
+            if args.forbid_python_layers:
+                set_python_layers_allowed(False)
+            with logging_to(args.log):
+                return _HANDLERS[args.command](args)
+        finally:
+            set_python_layers_allowed(allowed)
     except KeyboardInterrupt:
         sys.stderr.write("netlib: interrupted\n")
         return 130

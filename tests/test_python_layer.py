@@ -1,0 +1,210 @@
+"""Python layers (type "Python"): a user's module outside the package,
+pycaffe's hooks and attributes, learnable blobs, errors, and the trust switch."""
+import os
+import sys
+import textwrap
+
+import numpy
+import pytest
+
+import netlib
+from netlib.testing import check_gradient
+from netlib.tools import cli
+
+MODULE = '''
+import numpy
+import netlib
+
+
+class ScaledSquare(netlib.Layer):
+    """y = a * x * x with a learnable scalar a; param_str gives the initial a."""
+
+    def setup(self, bottom, top):
+        self.seen = {"param_str": self.param_str, "phase": self.phase}
+        if len(self.blobs) == 0:
+            self.blobs.add_blob(1)
+            self.blobs[0].data[...] = float(self.param_str or 1.0)
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        top[0].data[...] = self.blobs[0].data[0] * bottom[0].data ** 2
+
+    def backward(self, top, propagate_down, bottom):
+        self.blobs[0].diff[0] += (top[0].diff * bottom[0].data ** 2).sum()
+        if propagate_down[0]:
+            bottom[0].diff[...] = 2 * self.blobs[0].data[0] * bottom[0].data * top[0].diff
+
+
+class EuclideanLoss(netlib.Layer):
+    """Caffe's examples/pycaffe/layers/pyloss.py, as users write it."""
+
+    def setup(self, bottom, top):
+        if len(bottom) != 2:
+            raise Exception("Need two inputs to compute distance.")
+
+    def reshape(self, bottom, top):
+        if bottom[0].data.size != bottom[1].data.size:
+            raise Exception("Inputs must have the same dimension.")
+        self.diff = numpy.zeros_like(bottom[0].data, dtype=numpy.float32)
+        top[0].reshape(1)
+
+    def forward(self, bottom, top):
+        self.diff[...] = bottom[0].data - bottom[1].data
+        top[0].data[...] = numpy.sum(self.diff ** 2) / bottom[0].num / 2.
+
+    def backward(self, top, propagate_down, bottom):
+        for i in range(2):
+            if not propagate_down[i]:
+                continue
+            sign = 1 if i == 0 else -1
+            bottom[i].diff[...] = sign * self.diff / bottom[i].num
+
+
+class Broken(netlib.Layer):
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        raise ZeroDivisionError("user bug in forward")
+
+
+class NotALayer(object):
+    pass
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    folder = tmp_path / "user"
+    folder.mkdir()
+    name = "netlib_user_layers_%d" % (abs(hash(str(tmp_path))) % 10 ** 8)
+    (folder / (name + ".py")).write_text(MODULE)
+    monkeypatch.chdir(folder)  # imported from the current directory, as Caffe does
+    yield name
+    sys.modules.pop(name, None)
+
+
+def python_layer(module, cls, bottom="x", top="y", param_str="", extra=""):
+    return ('layer { name: "py" type: "Python" bottom: "%s" top: "%s" python_param { module: "%s" layer: "%s" '
+            'param_str: "%s" } %s }' % (bottom, top, module, cls, param_str, extra))
+
+
+def input_net(body, shape=(2, 3)):
+    dims = " ".join("dim: %d" % d for d in shape)
+    return ('name: "p" force_backward: true layer { name: "x" type: "Input" top: "x" input_param { shape { %s } } } %s'
+            % (dims, body))
+
+
+def test_forward_backward_attributes_and_blobs(user_module):
+    net = netlib.Net(input_net(python_layer(user_module, "ScaledSquare", param_str="2.5")), netlib.TEST)
+    layer = net.layer_dict["py"]
+    assert layer.type == "Python" and layer.seen == {"param_str": "2.5", "phase": netlib.TEST}
+    x = numpy.arange(6, dtype=numpy.float32).reshape(2, 3)
+    out = net.forward(x=x)["y"]
+    numpy.testing.assert_allclose(out, 2.5 * x ** 2)
+    assert list(net.params) == ["py"] and net.params["py"][0].shape == (1,)
+    net.blobs["y"].diff[...] = 1
+    net.backward()
+    assert net.layers[1].blobs[0].diff[0] == pytest.approx((x ** 2).sum())
+    net.blobs["x"].reshape(4, 5)  # reshape runs before every forward
+    assert net.forward(x=numpy.ones((4, 5), numpy.float32))["y"].shape == (4, 5)
+
+
+def test_gradient_check_of_a_user_file_layer(user_module):
+    spec = 'type: "Python" python_param { module: "%s" layer: "ScaledSquare" param_str: "1.5" }' % user_module
+    check_gradient(spec, bottom_shapes=[(2, 3, 4)])
+
+
+def test_parameters_train_save_and_load(user_module, tmp_path):
+    body = (python_layer(user_module, "ScaledSquare", param_str="0.5", extra='param { lr_mult: 1 }') +
+            ' layer { name: "t" type: "DummyData" top: "t" dummy_data_param { shape { dim: 2 dim: 3 } '
+            'data_filler { type: "constant" value: 2 } } }'
+            ' layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }')
+    text = ('name: "p" layer { name: "x" type: "DummyData" top: "x" dummy_data_param { shape { dim: 2 dim: 3 } '
+            'data_filler { type: "constant" value: 1 } } } ' + body)
+    (tmp_path / "net.prototxt").write_text(text)
+    (tmp_path / "solver.prototxt").write_text('net: "%s" base_lr: 0.1 lr_policy: "fixed" max_iter: 50 display: 0 '
+                                              'snapshot_after_train: false solver_mode: CPU' % (tmp_path / "net.prototxt"))
+    solver = netlib.get_solver(str(tmp_path / "solver.prototxt"))
+    solver.step(50)
+    a = float(solver.net.params["py"][0].data[0])
+    assert a == pytest.approx(2.0, abs=1e-3)  # y = a * 1 * 1 learns the target 2
+    solver.net.save(str(tmp_path / "w.caffemodel"))
+    fresh = netlib.Net(str(tmp_path / "net.prototxt"), netlib.TEST, weights=str(tmp_path / "w.caffemodel"))
+    assert float(fresh.params["py"][0].data[0]) == pytest.approx(a)
+
+
+def test_pyloss_trains_linear_regression_through_netlib_train(user_module, tmp_path, capsys):
+    rng = numpy.random.default_rng(0)
+    import h5py
+    x = rng.normal(size=(64, 3)).astype(numpy.float32)
+    y = (x @ numpy.array([[1.0], [-2.0], [0.5]], numpy.float32) + 0.25).astype(numpy.float32)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["data"], f["label"] = x, y
+    (tmp_path / "list.txt").write_text(str(tmp_path / "d.h5") + "\n")
+    net = ('name: "linreg" layer { name: "d" type: "HDF5Data" top: "data" top: "label" hdf5_data_param { '
+           'source: "%s" batch_size: 16 } } layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+           'inner_product_param { num_output: 1 weight_filler { type: "gaussian" std: 0.1 } } } '
+           'layer { name: "loss" type: "Python" bottom: "ip" bottom: "label" top: "loss" python_param { '
+           'module: "%s" layer: "EuclideanLoss" } loss_weight: 1 }' % (tmp_path / "list.txt", user_module))
+    (tmp_path / "net.prototxt").write_text(net)
+    (tmp_path / "solver.prototxt").write_text(
+        'net: "%s" base_lr: 0.1 momentum: 0.9 lr_policy: "fixed" max_iter: 200 display: 100 '
+        'snapshot_prefix: "%s" solver_mode: CPU random_seed: 1' % (tmp_path / "net.prototxt", tmp_path / "lr"))
+    assert cli.main(["train", "--solver", str(tmp_path / "solver.prototxt")]) == 0
+    err = capsys.readouterr().err
+    losses = [float(line.rsplit("=", 1)[1]) for line in err.splitlines() if "Iteration 200, loss =" in line]
+    assert losses and losses[-1] < 1e-3, err[-2000:]
+    trained = netlib.Net(str(tmp_path / "net.prototxt"), netlib.TEST, weights=str(tmp_path / "lr_iter_200.caffemodel"))
+    numpy.testing.assert_allclose(trained.params["ip"][0].data.ravel(), [1.0, -2.0, 0.5], atol=0.02)
+
+
+def test_user_exceptions_name_layer_module_class_and_keep_the_traceback(user_module):
+    net = netlib.Net(input_net(python_layer(user_module, "Broken")), netlib.TEST)
+    with pytest.raises(netlib.LayerError, match=r"'py' \(type Python, class %s\.Broken\).*ZeroDivisionError"
+                       % user_module) as info:
+        net.forward(x=numpy.ones((2, 3), numpy.float32))
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    with pytest.raises(netlib.LayerError, match="Need two inputs") as info:
+        netlib.Net(input_net(python_layer(user_module, "EuclideanLoss")), netlib.TEST)
+    assert info.value.__cause__ is not None
+    with pytest.raises(netlib.ConfigError, match="must be a class that subclasses netlib.Layer"):
+        netlib.Net(input_net(python_layer(user_module, "NotALayer")), netlib.TEST)
+    with pytest.raises(netlib.ConfigError, match="has no attribute 'Missing'"):
+        netlib.Net(input_net(python_layer(user_module, "Missing")), netlib.TEST)
+    with pytest.raises(netlib.ConfigError, match="cannot import module 'no_such_module_xyz'"):
+        netlib.Net(input_net(python_layer("no_such_module_xyz", "X")), netlib.TEST)
+
+
+def test_trust_switch_refuses_before_importing(tmp_path, monkeypatch):
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    marker = tmp_path / "was_imported.txt"
+    (folder / "netlib_evil_layer.py").write_text(textwrap.dedent('''
+        open(%r, "w").write("the module ran")
+        import netlib
+        class L(netlib.Layer):
+            pass
+        ''' % str(marker)))
+    monkeypatch.chdir(folder)
+    text = input_net(python_layer("netlib_evil_layer", "L"))
+    with pytest.raises(netlib.ConfigError, match="Python layers are not allowed"):
+        netlib.Net(text, netlib.TEST, allow_python_layers=False)
+    assert not marker.exists()
+    netlib.set_python_layers_allowed(False)
+    try:
+        with pytest.raises(netlib.ConfigError, match="not imported"):
+            netlib.Net(text, netlib.TEST)
+    finally:
+        netlib.set_python_layers_allowed(True)
+    assert not marker.exists()
+    (folder / "net.prototxt").write_text(text)
+    (folder / "solver.prototxt").write_text('net: "net.prototxt" base_lr: 0.1 max_iter: 1 lr_policy: "fixed" '
+                                            'solver_mode: CPU')
+    code = cli.main(["train", "--solver", "solver.prototxt", "--forbid_python_layers"])
+    assert code == 1 and not marker.exists()
+    assert netlib.python_layer.python_layers_allowed()  # the flag lasts one command
+    sys.modules.pop("netlib_evil_layer", None)
+    assert os.path.isdir(folder)
