@@ -468,10 +468,17 @@ class Net:
         loss = self.dtype.type(0)  # summed in the net's dtype, as Caffe's Dtype loss
         i = start
         try:
+            hooks = getattr(self, "_hooks", None)
             for i in range(start, end + 1):
+                if hooks:
+                    for callback in hooks["before_forward"]:
+                        callback(i)
                 loss += self.dtype.type(self.layers[i].Forward(self.bottom_vecs[i], self.top_vecs[i]))
                 if self.debug_info:
                     self._log_forward(i)
+                if hooks:
+                    for callback in hooks["after_forward"]:
+                        callback(i)
         except NetlibError:
             raise
         except Exception as exc:
@@ -486,9 +493,16 @@ class Net:
         start = len(self.layers) - 1 if start is None else start
         i = start
         try:
+            hooks = getattr(self, "_hooks", None)
             for i in range(start, end - 1, -1):
+                if hooks:
+                    for callback in hooks["before_backward"]:
+                        callback(i)
                 if self.layer_need_backward[i]:
                     self.layers[i].Backward(self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i])
+                if hooks:
+                    for callback in hooks["after_backward"]:
+                        callback(i)
         except NetlibError:
             raise
         except Exception as exc:
@@ -567,6 +581,89 @@ class Net:
                 target.diff[...] = self.xp.asarray(value)
         self.backward_from_to(start_ind, end_ind)
         return {name: self.blobs[name].diff for name in outputs}
+
+    def _add_hook(self, kind, callback):
+        if not callable(callback):
+            raise TypeError("%s() needs a callable taking the layer index" % kind)
+        if getattr(self, "_hooks", None) is None:
+            self._hooks = {k: [] for k in ("before_forward", "after_forward", "before_backward",
+                                            "after_backward")}
+        self._hooks[kind].append(callback)
+
+    def before_forward(self, callback):
+        """pycaffe's hook: ``callback(layer_index)`` before each layer's forward."""
+        self._add_hook("before_forward", callback)
+
+    def after_forward(self, callback):
+        """``callback(layer_index)`` after each layer's forward."""
+        self._add_hook("after_forward", callback)
+
+    def before_backward(self, callback):
+        """``callback(layer_index)`` before each layer's backward (Caffe calls
+        it for every layer, also those that skip backward)."""
+        self._add_hook("before_backward", callback)
+
+    def after_backward(self, callback):
+        """``callback(layer_index)`` after each layer's backward."""
+        self._add_hook("after_backward", callback)
+
+    def _batches(self, arrays):
+        """pycaffe's _Net_batch: ``{name: array}`` cut into batches of the
+        net's batch size (the first blob's first axis); the last batch is
+        padded with zeros."""
+        num = len(next(iter(arrays.values())))
+        batch_size = next(iter(self.blobs.values())).shape[0]
+        for i in range(0, num - num % batch_size, batch_size):
+            yield {name: a[i:i + batch_size] for name, a in arrays.items()}
+        remainder = num % batch_size
+        if remainder:
+            yield {name: numpy.concatenate([numpy.asarray(a[num - remainder:]),
+                                            numpy.zeros((batch_size - remainder,) + tuple(a.shape[1:]),
+                                                        dtype=numpy.asarray(a[:1]).dtype)])
+                   for name, a in arrays.items()}
+
+    @staticmethod
+    def _collect(parts, num):
+        from .backend import to_numpy
+        out = {name: numpy.concatenate([to_numpy(p) for p in chunks]) for name, chunks in parts.items()}
+        return {name: a[:num] for name, a in out.items()}  # drop the padding
+
+    def forward_all(self, blobs=None, **kwargs):
+        """pycaffe's forward_all: run ``kwargs`` (input name -> array of any
+        length) through the net in batches; returns copies of the outputs
+        (and of ``blobs``) for every item, padding removed."""
+        if not kwargs:
+            raise ConfigError("forward_all() needs the input arrays as keyword arguments, e.g. data=array")
+        num = len(next(iter(kwargs.values())))
+        parts = {name: [] for name in set(self.outputs + list(blobs or []))}
+        for batch in self._batches(kwargs):
+            for name, value in self.forward(blobs=blobs, **batch).items():
+                parts[name].append(value.copy())
+        return self._collect(parts, num)
+
+    def forward_backward_all(self, blobs=None, diffs=None, **kwargs):
+        """pycaffe's forward_backward_all: ``kwargs`` holds input arrays and
+        output diffs (by name); returns ``(outputs, input diffs)`` for every
+        item, padding removed."""
+        inputs = {k: v for k, v in kwargs.items() if k in self.inputs}
+        out_diffs = {k: v for k, v in kwargs.items() if k in self.outputs}
+        unknown = set(kwargs) - set(inputs) - set(out_diffs)
+        if unknown:
+            raise ConfigError("forward_backward_all(): %s are neither net inputs %s nor outputs %s"
+                              % (sorted(unknown), self.inputs, self.outputs))
+        if not inputs:
+            raise ConfigError("forward_backward_all() needs the input arrays as keyword arguments")
+        num = len(next(iter(inputs.values())))
+        fwd = {name: [] for name in set(self.outputs + list(blobs or []))}
+        bwd = {name: [] for name in set(self.inputs + list(diffs or []))}
+        batches = self._batches(inputs)
+        diff_batches = self._batches(out_diffs) if out_diffs else iter(lambda: {}, None)
+        for batch, diff_batch in zip(batches, diff_batches):
+            for name, value in self.forward(blobs=blobs, **batch).items():
+                fwd[name].append(value.copy())
+            for name, value in self.backward(diffs=diffs, **diff_batch).items():
+                bwd[name].append(value.copy())
+        return self._collect(fwd, num), self._collect(bwd, num)
 
     def reshape(self):
         """Propagate input shape changes through every layer."""

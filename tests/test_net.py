@@ -340,3 +340,41 @@ def test_truncated_weights_are_a_clear_error(tmp_path):
     (tmp_path / "t.caffemodel").write_bytes(data[: len(data) // 2])
     with pytest.raises(netlib.WeightsError, match="truncated or corrupt"):
         a.copy_from(str(tmp_path / "t.caffemodel"))
+
+
+def test_forward_all_and_forward_backward_all_pad_and_strip():
+    """pycaffe's forward_all / forward_backward_all: batches of the net's
+    batch size, a zero-padded last batch, outputs for every item."""
+    net = netlib.Net('name: "fa" force_backward: true layer { name: "x" type: "Input" top: "x" input_param { '
+                     'shape { dim: 4 dim: 3 } } } layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" '
+                     'inner_product_param { num_output: 2 weight_filler { type: "gaussian" } '
+                     'bias_filler { type: "constant" value: 0.5 } } }', netlib.TEST)
+    w, b = net.params["ip"][0].data.copy(), net.params["ip"][1].data.copy()
+    x = numpy.random.default_rng(0).normal(size=(10, 3)).astype(numpy.float32)
+    out = net.forward_all(x=x)
+    assert set(out) == {"y"} and out["y"].shape == (10, 2)
+    numpy.testing.assert_allclose(out["y"], x @ w.T + b, rtol=1e-5, atol=1e-6)
+    dy = numpy.ones((10, 2), numpy.float32)
+    fwd, bwd = net.forward_backward_all(x=x, y=dy)
+    numpy.testing.assert_allclose(fwd["y"], out["y"])
+    assert bwd["x"].shape == (10, 3)
+    numpy.testing.assert_allclose(bwd["x"], dy @ w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(netlib.ConfigError):
+        net.forward_all()
+
+
+def test_forward_and_backward_hooks_see_every_layer_in_order():
+    net = netlib.Net('name: "h" force_backward: true layer { name: "x" type: "Input" top: "x" input_param { '
+                     'shape { dim: 2 dim: 3 } } } layer { name: "r" type: "ReLU" bottom: "x" top: "r" } '
+                     'layer { name: "s" type: "Sigmoid" bottom: "r" top: "s" }', netlib.TEST)
+    seen = []
+    net.before_forward(lambda i: seen.append(("bf", i)))
+    net.after_forward(lambda i: seen.append(("af", i)))
+    net.before_backward(lambda i: seen.append(("bb", i)))
+    net.after_backward(lambda i: seen.append(("ab", i)))
+    net.forward(x=numpy.ones((2, 3), numpy.float32))
+    net.backward()
+    assert seen == [("bf", 0), ("af", 0), ("bf", 1), ("af", 1), ("bf", 2), ("af", 2),
+                    ("bb", 2), ("ab", 2), ("bb", 1), ("ab", 1), ("bb", 0), ("ab", 0)]
+    with pytest.raises(TypeError):
+        net.before_forward(3)
