@@ -131,6 +131,16 @@ def parse_tool_args(parser, argv):
     return args
 
 
+def backend_flag(value):
+    """A tool's ``--backend`` value as 'lmdb' or 'leveldb' (UsageError otherwise)."""
+    from ..data.db import backend_name
+    from ..errors import ConfigError
+    try:
+        return backend_name(value)
+    except ConfigError:
+        raise UsageError("--backend must be lmdb or leveldb, got %r" % (value,)) from None
+
+
 def normalize_argv(argv):
     """gflags spellings -> argparse: ``-flag`` becomes ``--flag``."""
     out = []

@@ -31,7 +31,6 @@ import numpy
 
 from ..data.datum import DatumError, datum_to_array, parse_datum
 from ..data.db import DatabaseError, backend_name, open_db
-from ..errors import ConfigError
 from ..proto import caffe_pb2
 
 log = logging.getLogger("netlib")
@@ -121,7 +120,7 @@ def channel_means(blob):
 
 def main(argv):
     """``netlib compute_image_mean [--backend lmdb|leveldb] INPUT_DB [OUTPUT_FILE]``."""
-    from .cli import UsageError, parse_tool_args, tool_parser
+    from .cli import UsageError, backend_flag, parse_tool_args, tool_parser
     parser = tool_parser("compute_image_mean", USAGE)
     parser.add_argument("--backend", default="lmdb")
     parser.add_argument("paths", nargs="*")
@@ -131,9 +130,6 @@ def main(argv):
     if not 1 <= len(args.paths) <= 2:
         raise UsageError("compute_image_mean takes INPUT_DB [OUTPUT_FILE], got %d arguments "
                          "(netlib compute_image_mean --help)" % len(args.paths))
-    try:
-        backend = backend_name(args.backend)
-    except ConfigError:
-        raise UsageError("--backend must be lmdb or leveldb, got %r" % args.backend) from None
+    backend = backend_flag(args.backend)
     compute_image_mean(args.paths[0], backend, args.paths[1] if len(args.paths) > 1 else None)
     return 0

@@ -277,8 +277,7 @@ def _split_bool_flags(argv):
 
 def main(argv):
     """``netlib convert_imageset [FLAGS] ROOTFOLDER/ LISTFILE DB_NAME``."""
-    from ..data.db import backend_name
-    from .cli import UsageError, parse_tool_args, tool_parser
+    from .cli import UsageError, backend_flag, parse_tool_args, tool_parser
     bools, argv = _split_bool_flags(list(argv))
     parser = tool_parser("convert_imageset", USAGE)
     parser.add_argument("--backend", default="lmdb")
@@ -292,10 +291,7 @@ def main(argv):
     if len(args.paths) != 3:
         raise UsageError("convert_imageset takes ROOTFOLDER/ LISTFILE DB_NAME, got %d arguments "
                          "(netlib convert_imageset --help)" % len(args.paths))
-    try:
-        backend = backend_name(args.backend)
-    except ConfigError:
-        raise UsageError("--backend must be lmdb or leveldb, got %r" % args.backend) from None
+    backend = backend_flag(args.backend)
     root, listfile, db_name = args.paths
     convert_imageset(root, listfile, db_name, backend=backend, gray=bools.get("gray", False),
                      shuffle=bools.get("shuffle", False), resize_height=args.resize_height,
