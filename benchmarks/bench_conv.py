@@ -38,7 +38,7 @@ from google.protobuf import text_format  # noqa: E402
 
 from netlib.blob import Blob  # noqa: E402
 from netlib.layer import create_layer  # noqa: E402
-from netlib.layers import vision  # noqa: E402
+from netlib.builtin import vision  # noqa: E402
 from netlib.proto import caffe_pb2  # noqa: E402
 
 try:

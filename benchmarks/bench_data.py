@@ -116,7 +116,7 @@ def main():
         mean = caffe_pb2.BlobProto(num=1, channels=3, height=256, width=256)
         mean.data.extend(numpy.stack(imgs).mean(0).transpose(2, 0, 1).ravel().astype(float).tolist())
         mean_path = os.path.join(tmp, "mean.binaryproto")
-        netlib.io.write_binary_proto(mean_path, mean)
+        netlib.files.write_binary_proto(mean_path, mean)
         for kind in () if args.lenet_only else ("raw", "jpeg"):
             path = os.path.join(tmp, kind)
             with create_db(path, "lmdb") as db:

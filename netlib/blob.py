@@ -20,7 +20,7 @@ class Blob:
     """An N-D array pair (data, diff), float32 unless asked otherwise.
 
     >>> b = Blob((2, 3, 4, 5))
-    >>> b.count(), b.count(1), b.num, b.channels
+    >>> b.count, b.count_axes(1), b.num, b.channels
     (120, 60, 2, 3)
     """
 
@@ -70,10 +70,13 @@ class Blob:
     def ndim(self):
         return len(self._shape)
 
-    def count(self, start=None, end=None):
-        """Number of elements, or the product of dims ``start:end``."""
-        if start is None and end is None:
-            return self._count
+    @property
+    def count(self):
+        """Number of elements (an int, as pycaffe's ``Blob.count``)."""
+        return self._count
+
+    def count_axes(self, start=0, end=None):
+        """The product of dims ``start:end`` (Caffe's ``Blob::count(start, end)``)."""
         start = 0 if start is None else self.canonical_axis_index(start) if start < 0 else start
         end = self.num_axes if end is None else end
         n = 1

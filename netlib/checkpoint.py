@@ -50,7 +50,7 @@ from . import random as nrandom
 from .backend import to_numpy
 from .blob import proto_shape, shape_equals
 from .errors import NetlibFileNotFoundError, WeightsError
-from .io import read_varint
+from .files import read_varint
 from .proto import caffe_pb2
 
 log = logging.getLogger("netlib")
@@ -188,7 +188,7 @@ def write_solver_state_binaryproto(path, iteration, learned_net, current_step, h
     """Write a binary SolverState (+ netlib's extra field 1000) atomically.
 
     ``history`` is a list of Blobs (or arrays)."""
-    from .io import atomic_write
+    from .files import atomic_write
     state = caffe_pb2.SolverState()
     state.iter = int(iteration)
     state.learned_net = learned_net
@@ -230,7 +230,7 @@ def _h5_write_int(group, name, value):
 def write_solver_state_hdf5(path, iteration, learned_net, current_step, history, extra=None):
     """Write Caffe's HDF5 solver state (+ ``netlib_state``) atomically."""
     import h5py
-    from .io import atomic_write
+    from .files import atomic_write
     with atomic_write(path, mode=None) as tmp:
         with h5py.File(tmp, "w") as f:
             _h5_write_int(f, "iter", iteration)
@@ -320,7 +320,7 @@ def read_solver_state(path):
         except OSError as exc:
             raise WeightsError("%s: unreadable HDF5 solver state (truncated or corrupt?): %s" % (path, exc)) from None
         return SolverStateFile(path, "hdf5", iteration, learned or None, current_step, history, extra)
-    from .io import read_binary_proto
+    from .files import read_binary_proto
     state = read_binary_proto(path, caffe_pb2.SolverState())
     with open(path, "rb") as handle:
         raw = handle.read()

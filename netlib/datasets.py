@@ -14,7 +14,7 @@ import os
 import numpy
 
 from .errors import ConfigError, NetlibFileNotFoundError
-from .io import atomic_write
+from .files import atomic_write
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DIGITS_CSV = os.path.join(DATA_DIR, "digits.csv.gz")

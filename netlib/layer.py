@@ -100,7 +100,7 @@ _loaded = [False]
 def _load_builtin_layers():
     if not _loaded[0]:
         _loaded[0] = True
-        from . import layers  # noqa: F401  (registers the built-in families)
+        from . import builtin  # noqa: F401  (registers the built-in families)
 
 
 class BlobVec(list):

@@ -25,7 +25,7 @@ import numpy
 from . import backend
 from .blob import Blob
 from .errors import ConfigError, LayerError, NetlibError, ShapeError, WeightsError
-from .io import is_hdf5, read_net_param, read_weights_param, write_binary_proto, atomic_write
+from .files import is_hdf5, read_net_param, read_weights_param, write_binary_proto, atomic_write
 from .layer import create_layer
 from .proto import caffe_pb2
 
@@ -335,7 +335,7 @@ class Net:
         where = ("layer %r (type %s) shares param %r (blob %d) with layer %r"
                  % (lp.name, lp.type, spec.name, k, self.layer_names[owner_layer_id]))
         if spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE:
-            if owner_blob.count() != blob.count():
+            if owner_blob.count != blob.count:
                 raise ShapeError("%s but the counts differ: %s vs %s" % (where, owner_blob.shape, blob.shape))
         elif tuple(owner_blob.shape) != tuple(blob.shape):
             raise ShapeError("%s but the shapes differ: %s vs %s (use share_mode: PERMISSIVE to share "
@@ -515,7 +515,7 @@ class Net:
         for tid in self.top_ids[i]:
             blob = self._blob_list[tid]
             log.info("    [Forward] Layer %s, top blob %s data: %g", self.layer_names[i],
-                     self._blob_names[tid], blob.asum_data() / max(blob.count(), 1))
+                     self._blob_names[tid], blob.asum_data() / max(blob.count, 1))
 
     def forward_prefilled(self):
         """Forward the whole net with the inputs already in place; return the loss."""

@@ -125,7 +125,7 @@ def read_solver(source, solver_path=None):
     ``snapshot_prefix`` default (the solver file path minus its extension;
     a prefix naming an existing directory becomes ``dir/<solver file stem>``).
     """
-    from .io import parse_text_proto, read_text_proto
+    from .files import parse_text_proto, read_text_proto
     path = None
     param = caffe_pb2.SolverParameter()
     if isinstance(source, caffe_pb2.SolverParameter):
@@ -275,7 +275,7 @@ class Solver(abc.ABC):
                ", ".join(dict.fromkeys(tried))))
 
     def _read_net_file(self, path, field):
-        from .io import read_net_param
+        from .files import read_net_param
         return read_net_param(self._resolve(path, field))
 
     def _new_net(self, net_param):
@@ -295,7 +295,7 @@ class Solver(abc.ABC):
             raise ConfigError("%sSolverParameter must not contain more than one of these fields "
                               "specifying a train_net: net, net_param, train_net, train_net_param (got %s)"
                               % (self._where, ", ".join(given)))
-        from .io import read_net_param
+        from .files import read_net_param
         if p.HasField("train_net_param"):
             log.info("Creating training net specified in train_net_param.")
             net_param = read_net_param(p.train_net_param)
@@ -324,7 +324,7 @@ class Solver(abc.ABC):
                     net.copy_from(self._resolve(name, "weights"))
 
     def _init_test_nets(self):
-        from .io import read_net_param
+        from .files import read_net_param
         p = self.param
         has_net_param, has_net = p.HasField("net_param"), p.HasField("net")
         if has_net_param and has_net:
@@ -614,7 +614,7 @@ class Solver(abc.ABC):
         for name, layer, tops, top_names in zip(net.layer_names, net.layers, net.top_vecs,
                                                 net.top_names.values()):
             for top, tname in zip(tops, top_names):
-                if top.count() and not bool(top.xp.isfinite(top.data).all()):
+                if top.count and not bool(top.xp.isfinite(top.data).all()):
                     culprit = "first non-finite output: layer %r (type %s), top %r" % (name, layer.type, tname)
                     break
             else:
@@ -695,7 +695,7 @@ class Solver(abc.ABC):
             log.info("Test loss: %s", _g(loss))
         names = []
         for name, blob in zip(net.outputs, net.output_blobs):
-            names.extend([name] * blob.count())
+            names.extend([name] * blob.count)
         weights = net.blob_loss_weights
         results = []
         if scores is None:

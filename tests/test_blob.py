@@ -9,7 +9,7 @@ from netlib.proto import caffe_pb2
 
 def test_shape_count_and_legacy_accessors():
     b = Blob((2, 3, 4, 5))
-    assert b.count() == 120 and b.count(1) == 60 and b.count(1, 3) == 12 and b.num_axes == 4
+    assert b.count == 120 and b.count_axes(1) == 60 and b.count_axes(1, 3) == 12 and b.num_axes == 4
     assert (b.num, b.channels, b.height, b.width) == (2, 3, 4, 5)
     one_d = Blob((32,))
     assert (one_d.num, one_d.channels, one_d.height, one_d.width) == (32, 1, 1, 1)

@@ -257,7 +257,7 @@ def _listing(folder="."):
 
 def test_interrupted_snapshot_keeps_previous_files(tmp_path, data_list, monkeypatch):
     _need_layers(*LINREG)
-    import netlib.io
+    import netlib.files
     monkeypatch.chdir(tmp_path)
     os.mkdir("s")
 
@@ -281,7 +281,7 @@ def test_interrupted_snapshot_keeps_previous_files(tmp_path, data_list, monkeypa
     def weights_die(fmt):
         def die(*args):
             raise OSError("power cut (simulated)")
-        monkeypatch.setattr(netlib.io.os, "fsync", die)       # binaryproto: after the data, before the rename
+        monkeypatch.setattr(netlib.files.os, "fsync", die)       # binaryproto: after the data, before the rename
         if fmt == "HDF5":
             monkeypatch.setattr(h5py.File, "close", die)      # HDF5: while finishing the file
 
@@ -392,7 +392,7 @@ def test_real_caffe_snapshot_restores_and_trains_on(case, tmp_path, monkeypatch)
     _need_layers("Input", "Convolution", "Pooling", "InnerProduct", "ReLU", "SoftmaxWithLoss",
                  *(("LRN",) if "full" in case else ()))
     monkeypatch.chdir(tmp_path)
-    from netlib.io import read_net_param
+    from netlib.files import read_net_param
     from netlib.solver import read_solver
     param, _ = read_solver(os.path.join(folder, solver_file))  # upgrades solver_type
     net_param = read_net_param(os.path.join(folder, net_file))

@@ -76,7 +76,7 @@ def test_leveldb_folder_is_never_written(tmp_path):
 
 def test_mean_file_equals_the_mean_of_the_images():
     images, _ = mnist_test_1000()
-    proto = netlib.io.read_blobproto(shared_path("reference", "caffe_made", "mnist_test_1000_mean.binaryproto"))
+    proto = netlib.files.read_blobproto(shared_path("reference", "caffe_made", "mnist_test_1000_mean.binaryproto"))
     mean = numpy.asarray(proto.data, numpy.float32).reshape(1, 1, 28, 28)
     numpy.testing.assert_allclose(mean[0, 0], images.astype(numpy.float64).mean(0), rtol=0, atol=1e-4)
 
@@ -87,7 +87,7 @@ def test_transform_with_the_real_mean_file_and_scale():
     images, _ = mnist_test_1000()
     net = data_net(source, batch_size=10, transform='crop_size: 24 scale: 0.5 mean_file: "%s"' % mean_file)
     net.forward()
-    mean = numpy.asarray(netlib.io.read_blobproto(mean_file).data, numpy.float32).reshape(28, 28)
+    mean = numpy.asarray(netlib.files.read_blobproto(mean_file).data, numpy.float32).reshape(28, 28)
     ref = (images[:10, 2:26, 2:26].astype(numpy.float32) - mean[2:26, 2:26]) * numpy.float32(0.5)
     numpy.testing.assert_array_equal(net.blobs["data"].data[:, 0], ref)
 
@@ -260,7 +260,7 @@ def test_crop_larger_than_image_and_mean_mismatch(tmp_path):
         data_net(source, transform="crop_size: 9")
     mean = caffe_pb2.BlobProto(num=1, channels=3, height=7, width=7)
     mean.data.extend([0.0] * 147)
-    netlib.io.write_binary_proto(str(tmp_path / "m.binaryproto"), mean)
+    netlib.files.write_binary_proto(str(tmp_path / "m.binaryproto"), mean)
     with pytest.raises(netlib.ShapeError, match=r"mean file .*m.binaryproto has shape \(3, 7, 7\)"):
         data_net(source, transform='mean_file: "%s"' % (tmp_path / "m.binaryproto"))
 

@@ -104,7 +104,7 @@ def test_image_list_trains_with_crop_mirror_and_mean(tmp_path):
     source = write_list(tmp_path / "list.txt", [(n, i) for i, n in enumerate(NAMES)])
     mean = caffe_pb2.BlobProto(num=1, channels=3, height=36, width=36)
     mean.data.extend([110.0] * (3 * 36 * 36))
-    netlib.io.write_binary_proto(str(tmp_path / "mean.binaryproto"), mean)
+    netlib.files.write_binary_proto(str(tmp_path / "mean.binaryproto"), mean)
     text = ('name: "i" layer { name: "data" type: "ImageData" top: "data" top: "label" include { phase: TRAIN } '
             'transform_param { crop_size: 32 mirror: true mean_file: "%s" scale: 0.0078125 } '
             'image_data_param { source: "%s" root_folder: "%s" batch_size: 3 shuffle: true '
@@ -193,7 +193,7 @@ def test_window_data_context_pad_square_mirror_trains(tmp_path):
     source = write_window_file(tmp_path / "windows.txt", root)
     mean = caffe_pb2.BlobProto(num=1, channels=3, height=40, width=40)
     mean.data.extend([120.0] * 4800)
-    netlib.io.write_binary_proto(str(tmp_path / "mean.binaryproto"), mean)
+    netlib.files.write_binary_proto(str(tmp_path / "mean.binaryproto"), mean)
     text = ('name: "w" layer { name: "data" type: "WindowData" top: "data" top: "label" '
             'transform_param { crop_size: 32 mirror: true mean_file: "%s" } window_data_param { source: "%s" '
             'root_folder: "%s" batch_size: 8 fg_threshold: 0.5 bg_threshold: 0.3 context_pad: 4 '

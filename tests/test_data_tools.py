@@ -19,7 +19,7 @@ from netlib.data import image
 from netlib.data.datum import datum_to_array, parse_datum
 from netlib.data.db import DatabaseError, open_db
 from netlib.errors import ConfigError, NetlibFileNotFoundError
-from netlib.io import read_binary_proto
+from netlib.files import read_binary_proto
 from netlib.proto import caffe_pb2
 from netlib.tools import cifar10, cli, mnist
 from netlib.tools.compute_image_mean import compute_image_mean, mean_array

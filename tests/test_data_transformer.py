@@ -5,7 +5,7 @@ import pytest
 
 from netlib.data.transformer import DataTransformer
 from netlib.errors import ConfigError, ShapeError
-from netlib.io import write_binary_proto
+from netlib.files import write_binary_proto
 from netlib.proto import caffe_pb2
 
 

@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from netlib.blob import Blob
 from netlib.errors import ConfigError, LayerError, NetlibFileNotFoundError, ShapeError
 from netlib.layer import create_layer
-from netlib.layers.loss import LossLayer
+from netlib.builtin.loss import LossLayer
 from netlib.proto import caffe_pb2
 from netlib.testing import check_gradient
 

@@ -289,7 +289,7 @@ def test_prelu_gradient_including_parameter(text):
 
 def test_gradient_check_detects_a_wrong_backward(monkeypatch):
     """The checker really looks at our backward (a test that cannot fail is a defect)."""
-    from netlib.layers import neuron
+    from netlib.builtin import neuron
     monkeypatch.setattr(neuron.TanHLayer, "backward",
                         lambda self, top, pd, bottom: bottom[0].diff.__setitem__(Ellipsis, top[0].diff))
     with pytest.raises(AssertionError):

@@ -16,7 +16,7 @@ from netlib.blob import Blob
 from netlib.errors import ConfigError, LayerError, ShapeError
 from netlib.im2col import col2im, conv_out_size, im2col
 from netlib.layer import create_layer
-from netlib.layers import vision
+from netlib.builtin import vision
 from netlib.proto import caffe_pb2
 from netlib.testing import check_gradient
 

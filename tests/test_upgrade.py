@@ -3,7 +3,7 @@ import pytest
 from google.protobuf import text_format
 
 import netlib
-from netlib.io import read_net_param, read_solver_param
+from netlib.files import read_net_param, read_solver_param
 from netlib.proto import caffe_pb2
 from conftest import shared_path
 

@@ -156,7 +156,7 @@ def _classify(key, param):
 def discover(models_dir):
     """Every net under ``models_dir`` with data layers, as NetEntry objects sorted by key."""
     from netlib.errors import ParseError
-    from netlib.io import read_net_param, read_solver_param, read_text_proto
+    from netlib.files import read_net_param, read_solver_param, read_text_proto
     from netlib.proto import caffe_pb2
     entries = []
     for path in sorted(glob.glob(os.path.join(models_dir, "**", "*.prototxt"), recursive=True)):
@@ -187,7 +187,7 @@ def discover(models_dir):
 
 def load_param(models_dir, key):
     """A fresh upgraded NetParameter for a net key."""
-    from netlib.io import read_net_param, read_solver_param
+    from netlib.files import read_net_param, read_solver_param
     rel, _, field = key.partition("#")
     path = os.path.join(models_dir, rel)
     if not field:
@@ -275,7 +275,7 @@ def _safe(name):
 
 
 def _write_mean(path, shape, rng):
-    from netlib.io import write_binary_proto
+    from netlib.files import write_binary_proto
     from netlib.proto import caffe_pb2
     blob = caffe_pb2.BlobProto()
     blob.num, (blob.channels, blob.height, blob.width) = 1, shape  # legacy 4-D, as compute_image_mean

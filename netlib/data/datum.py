@@ -12,7 +12,7 @@ from google.protobuf import message as _message
 from google.protobuf import unknown_fields
 
 from ..errors import NetlibError
-from ..io import read_varint
+from ..files import read_varint
 from ..proto import caffe_pb2
 
 

@@ -29,7 +29,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..blob import blobproto_to_array
 from ..errors import ConfigError, NetlibFileNotFoundError, ShapeError
-from ..io import read_blobproto
+from ..files import read_blobproto
 from ..proto import caffe_pb2
 from .datum import decode_mode
 

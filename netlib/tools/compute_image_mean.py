@@ -92,7 +92,7 @@ def compute_image_mean(db_path, backend="lmdb", output_file=None):
     blob.num, blob.channels, blob.height, blob.width = 1, channels, height, width
     blob.data.extend(mean.tolist())
     if output_file:
-        from ..io import write_binary_proto
+        from ..files import write_binary_proto
         log.info("Write to %s", output_file)
         write_binary_proto(output_file, blob)
     log.info("Number of channels: %d", channels)

@@ -467,14 +467,14 @@ class SPPLayer(Layer):
         if self.pyramid_height == 1:
             top[0].reshape(self._levels[0][2].shape)
         else:
-            top[0].reshape(N, sum(o.count(1) for _, _, o in self._levels))
+            top[0].reshape(N, sum(o.count_axes(1) for _, _, o in self._levels))
 
     def forward(self, bottom, top):
         y = top[0].data.reshape(top[0].shape[0], -1)
         start = 0
         for layer, src, out in self._levels:
             layer.forward([src], [out])
-            width = out.count(1)
+            width = out.count_axes(1)
             y[:, start:start + width] = out.data.reshape(out.shape[0], width)
             start += width
 
@@ -485,7 +485,7 @@ class SPPLayer(Layer):
         dx = bottom[0].diff
         start = 0
         for i, (layer, src, out) in enumerate(self._levels):
-            width = out.count(1)
+            width = out.count_axes(1)
             out.diff[...] = dy[:, start:start + width].reshape(out.shape)
             start += width
             layer.backward([out], [True], [src])
@@ -564,7 +564,7 @@ class Im2colLayer(Layer):
     def forward(self, bottom, top):
         b = bottom[0]
         ax = self.channel_axis
-        num, C = b.count(0, ax), b.shape[ax]
+        num, C = b.count_axes(0, ax), b.shape[ax]
         x = b.data.reshape((num, C) + b.shape[ax + 1:])
         col = top[0].data.reshape((num, C) + self.kernel + self.out_shape)
         im2col(x, self.kernel, self.pad, self.stride, self.dilation, out_shape=self.out_shape,
@@ -575,7 +575,7 @@ class Im2colLayer(Layer):
             return
         b = bottom[0]
         ax = self.channel_axis
-        num, C = b.count(0, ax), b.shape[ax]
+        num, C = b.count_axes(0, ax), b.shape[ax]
         spatial = b.shape[ax + 1:]
         col = top[0].diff.reshape((num, C) + self.kernel + self.out_shape)
         col2im(col, spatial, self.kernel, self.pad, self.stride, self.dilation,

@@ -22,7 +22,7 @@ import numpy
 
 from ..blob import Blob
 from ..errors import ConfigError, ShapeError
-from ..io import read_blobproto
+from ..files import read_blobproto
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
 
@@ -73,13 +73,13 @@ class _LabelMixin:
         """outer/channels/inner around the class axis; the labels must number
         outer * inner (ShapeError naming the shapes otherwise).  Returns the axis."""
         axis = self._axis(bottom[0], axis_param, bottom)
-        self.outer = bottom[0].count(0, axis)
-        self.inner = bottom[0].count(axis + 1)
+        self.outer = bottom[0].count_axes(0, axis)
+        self.inner = bottom[0].count_axes(axis + 1)
         self.channels = bottom[0].shape[axis]
-        if self.outer * self.inner != bottom[1].count():
+        if self.outer * self.inner != bottom[1].count:
             self.fail("number of labels must match number of predictions: with %s %d and "
                       "prediction shape %s the label count must be %d, got %d"
-                      % (what, axis, bottom[0].shape, self.outer * self.inner, bottom[1].count()),
+                      % (what, axis, bottom[0].shape, self.outer * self.inner, bottom[1].count),
                       bottom=bottom, error=ShapeError)
         return axis
 
@@ -261,9 +261,9 @@ class EuclideanLossLayer(LossLayer):
 
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
-        if bottom[0].count(1) != bottom[1].count(1):
+        if bottom[0].count_axes(1) != bottom[1].count_axes(1):
             self.fail("inputs must have the same dimension (count(1) %d vs %d)"
-                      % (bottom[0].count(1), bottom[1].count(1)), bottom=bottom, error=ShapeError)
+                      % (bottom[0].count_axes(1), bottom[1].count_axes(1)), bottom=bottom, error=ShapeError)
 
     def forward(self, bottom, top):
         xp = bottom[0].xp
@@ -312,7 +312,7 @@ class AccuracyLayer(Layer, _LabelMixin):
         return False
 
     def reshape(self, bottom, top):
-        if bottom[1].count() == 0 or self.top_k > bottom[0].count() // bottom[1].count():
+        if bottom[1].count == 0 or self.top_k > bottom[0].count // bottom[1].count:
             self.fail("top_k must be less than or equal to the number of classes (top_k %d)"
                       % self.top_k, bottom=bottom, error=ShapeError)
         self._set_class_geometry(bottom, self.layer_param.accuracy_param.axis)
@@ -370,11 +370,11 @@ class SigmoidCrossEntropyLossLayer(LossLayer):
 
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
-        if bottom[0].count() != bottom[1].count():
+        if bottom[0].count != bottom[1].count:
             self.fail("inputs must have the same count (%d vs %d)"
-                      % (bottom[0].count(), bottom[1].count()), bottom=bottom, error=ShapeError)
+                      % (bottom[0].count, bottom[1].count), bottom=bottom, error=ShapeError)
         self.outer = bottom[0].shape[0]
-        self.inner = bottom[0].count(1)
+        self.inner = bottom[0].count_axes(1)
 
     def _valid(self, bottom):
         if not self.has_ignore_label:
@@ -434,15 +434,15 @@ class HingeLossLayer(LossLayer):
 
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
-        if bottom[1].count() != bottom[0].shape[0]:
+        if bottom[1].count != bottom[0].shape[0]:
             self.fail("needs one label per item (%d items, %d labels)"
-                      % (bottom[0].shape[0], bottom[1].count()), bottom=bottom, error=ShapeError)
+                      % (bottom[0].shape[0], bottom[1].count), bottom=bottom, error=ShapeError)
 
     def _signed(self, bottom):
         """(x with the label entries negated, as (N, D), row indices, labels)."""
         xp = bottom[0].xp
         n = bottom[0].shape[0]
-        dim = bottom[0].count() // n if n else 0
+        dim = bottom[0].count // n if n else 0
         lab = bottom[1].data.reshape(-1).astype(numpy.int64)
         if bool(((lab < 0) | (lab >= dim)).any()):
             first = int(lab[(lab < 0) | (lab >= dim)][0])
@@ -495,7 +495,7 @@ class MultinomialLogisticLossLayer(LossLayer):
 
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
-        if bottom[1].count(1) != 1:
+        if bottom[1].count_axes(1) != 1:
             self.fail("the label must hold one value per item (shape (N,) or (N,1,1,1))",
                       bottom=bottom, error=ShapeError)
 
@@ -558,12 +558,12 @@ class ContrastiveLossLayer(LossLayer):
         super().reshape(bottom, top)
         a, b, sim = bottom
         for blob in (a, b):
-            if blob.ndim > 4 or blob.count(2) != 1:
+            if blob.ndim > 4 or blob.count_axes(2) != 1:
                 self.fail("a and b must be (N, C) or (N, C, 1, 1)", bottom=bottom, error=ShapeError)
-        if a.count(1) != b.count(1):
-            self.fail("a and b must have the same channels (%d vs %d)" % (a.count(1), b.count(1)),
+        if a.count_axes(1) != b.count_axes(1):
+            self.fail("a and b must have the same channels (%d vs %d)" % (a.count_axes(1), b.count_axes(1)),
                       bottom=bottom, error=ShapeError)
-        if sim.ndim < 1 or sim.ndim > 4 or sim.count() != a.shape[0]:
+        if sim.ndim < 1 or sim.ndim > 4 or sim.count != a.shape[0]:
             self.fail("sim must hold one value per pair (%d pairs)" % a.shape[0],
                       bottom=bottom, error=ShapeError)
 
@@ -656,7 +656,7 @@ class InfogainLossLayer(LossLayer):
         super().reshape(bottom, top)
         self._set_class_geometry(bottom, self.layer_param.infogain_loss_param.axis)
         H = self._H if self._H is not None else bottom[2]
-        if H.count() != self.channels * self.channels:
+        if H.count != self.channels * self.channels:
             self.fail("the infogain matrix must hold %d x %d values, got shape %s"
                       % (self.channels, self.channels, H.shape), bottom=bottom, error=ShapeError)
         self._prob.reshape(bottom[0].shape)

@@ -98,7 +98,7 @@ class InnerProductLayer(Layer):
         self.bias_term = bool(p.bias_term)
         self.transpose = bool(p.transpose)
         axis = _canonical_axis(self, bottom[0], p.axis, bottom)
-        self.K = bottom[0].count(axis)
+        self.K = bottom[0].count_axes(axis)
         if self.blobs:
             return  # parameters given already (Caffe: "Skipping parameter initialization")
         weight = self.new_blob((self.K, self.N) if self.transpose else (self.N, self.K))
@@ -111,13 +111,13 @@ class InnerProductLayer(Layer):
 
     def reshape(self, bottom, top):
         axis = _canonical_axis(self, bottom[0], self.layer_param.inner_product_param.axis, bottom)
-        new_k = bottom[0].count(axis)
+        new_k = bottom[0].count_axes(axis)
         if new_k != self.K:
             self.fail("incompatible input dimension: the layer was set up for K=%d inputs per "
                       "item (count from axis %d) but the bottom now gives K=%d"
                       % (self.K, axis, new_k), bottom=bottom, error=ShapeError)
         self.axis = axis
-        self.M = bottom[0].count(0, axis)
+        self.M = bottom[0].count_axes(0, axis)
         top[0].reshape(tuple(bottom[0].shape[:axis]) + (self.N,))
 
     def forward(self, bottom, top):
@@ -165,7 +165,7 @@ class SoftmaxLayer(Layer):
     def reshape(self, bottom, top):
         axis = _canonical_axis(self, bottom[0], self.layer_param.softmax_param.axis, bottom)
         shape = bottom[0].shape
-        self.view = (bottom[0].count(0, axis), shape[axis], bottom[0].count(axis + 1))
+        self.view = (bottom[0].count_axes(0, axis), shape[axis], bottom[0].count_axes(axis + 1))
         if top[0] is not bottom[0]:
             top[0].reshape(shape)
 
@@ -253,7 +253,7 @@ class FlattenLayer(Layer):
             self.fail("end_axis %d comes before axis %d" % (p.end_axis, p.axis), bottom=bottom,
                       error=ShapeError)
         shape = b.shape
-        new = tuple(shape[:start]) + (b.count(start, end + 1),) + tuple(shape[end + 1:])
+        new = tuple(shape[:start]) + (b.count_axes(start, end + 1),) + tuple(shape[end + 1:])
         top[0].reshape(new)
         top[0].share_data(b)
         top[0].share_diff(b)
@@ -410,8 +410,8 @@ class ConcatLayer(Layer):
                               bottom=bottom, error=ShapeError)
             shape[axis] += b.shape[axis]
         self.axis = axis
-        self.outer = b0.count(0, axis)
-        self.inner = b0.count(axis + 1)
+        self.outer = b0.count_axes(0, axis)
+        self.inner = b0.count_axes(axis + 1)
         top[0].reshape(shape)
         if len(bottom) == 1:
             top[0].share_data(b0)
@@ -497,8 +497,8 @@ class SliceLayer(Layer):
                           % (ntop, dim), bottom=bottom, error=ShapeError)
             sizes = [dim // ntop] * ntop
         self.axis, self.sizes = axis, sizes
-        self.outer = b.count(0, axis)
-        self.inner = b.count(axis + 1)
+        self.outer = b.count_axes(0, axis)
+        self.inner = b.count_axes(axis + 1)
         shape = list(b.shape)
         for t, n in zip(top, sizes):
             shape[axis] = n
@@ -714,8 +714,8 @@ class TileLayer(Layer):
         shape = list(bottom[0].shape)
         shape[axis] *= self.tiles
         top[0].reshape(shape)
-        self.outer = bottom[0].count(0, axis)
-        self.inner = bottom[0].count(axis)
+        self.outer = bottom[0].count_axes(0, axis)
+        self.inner = bottom[0].count_axes(axis)
 
     def forward(self, bottom, top):
         top[0].data.reshape(self.outer, self.tiles, self.inner)[...] = \
@@ -753,8 +753,8 @@ class ReductionLayer(Layer):
         p = self.layer_param.reduction_param
         axis = _canonical_axis(self, bottom[0], p.axis, bottom)
         top[0].reshape(tuple(bottom[0].shape[:axis]))
-        self.num = bottom[0].count(0, axis)
-        self.dim = bottom[0].count(axis)
+        self.num = bottom[0].count_axes(0, axis)
+        self.dim = bottom[0].count_axes(axis)
         coeff = self.dtype.type(p.coeff)
         if self.op == _RED.MEAN:
             coeff = self.dtype.type(coeff / self.dtype.type(self.dim))
@@ -829,20 +829,20 @@ class ArgMaxLayer(Layer):
                           error=ShapeError)
             shape = list(b.shape)
             shape[self.axis] = self.top_k
-            self.view = (b.count(0, self.axis), b.shape[self.axis], b.count(self.axis + 1))
+            self.view = (b.count_axes(0, self.axis), b.shape[self.axis], b.count_axes(self.axis + 1))
         else:
             if b.ndim < 1:
                 self.fail("the bottom needs at least one axis", bottom=bottom, error=ShapeError)
-            if self.top_k > b.count(1):
+            if self.top_k > b.count_axes(1):
                 self.fail("top_k (%d) must be less than or equal to the dimension of the "
-                          "flattened bottom blob per instance (%d)" % (self.top_k, b.count(1)),
+                          "flattened bottom blob per instance (%d)" % (self.top_k, b.count_axes(1)),
                           bottom=bottom, error=ShapeError)
             shape = [1] * max(b.ndim, 3)
             shape[0] = b.shape[0]
             shape[2] = self.top_k
             if self.out_max_val:
                 shape[1] = 2
-            self.view = (b.shape[0], b.count(1), 1)
+            self.view = (b.shape[0], b.count_axes(1), 1)
         top[0].reshape(shape)
 
     def forward(self, bottom, top):
@@ -977,7 +977,7 @@ class BatchReindexLayer(Layer):
 
     def forward(self, bottom, top):
         idx = self._indices(bottom)
-        if top[0].count() == 0:
+        if top[0].count == 0:
             return
         xp = bottom[0].xp
         xp.take(bottom[0].data, idx, axis=0, out=top[0].data)
@@ -989,7 +989,7 @@ class BatchReindexLayer(Layer):
         xp = bottom[0].xp
         dx = bottom[0].diff
         dx[...] = 0
-        if top[0].count():
+        if top[0].count:
             _index_add(xp, dx, self._indices(bottom), top[0].diff)
 
 
@@ -1043,7 +1043,7 @@ class FilterLayer(Layer):
     def forward(self, bottom, top):
         xp = bottom[0].xp
         for t, b in zip(top, bottom):
-            if t.count():
+            if t.count:
                 xp.take(b.data, self.indices, axis=0, out=t.data)
 
     def backward(self, top, propagate_down, bottom):
@@ -1053,7 +1053,7 @@ class FilterLayer(Layer):
             if propagate_down[i]:
                 dx = bottom[i].diff
                 dx[...] = 0
-                if t.count():
+                if t.count:
                     dx[self.indices] = t.diff
 
 
@@ -1088,7 +1088,7 @@ def _broadcast_dims(layer, bottom, operand, axis_param, what):
             layer.fail("dimension mismatch between bottom[0]->shape(%d) = %d and %s->shape(%d) "
                        "= %d" % (axis + i, b0.shape[axis + i], what, i, operand.shape[i]),
                        bottom=bottom, error=ShapeError)
-    return b0.count(0, axis), operand.count(), b0.count(axis + operand.ndim)
+    return b0.count_axes(0, axis), operand.count, b0.count_axes(axis + operand.ndim)
 
 
 @register_layer("Bias")
@@ -1227,7 +1227,7 @@ class ScaleLayer(Layer):
             x = (self._saved if top[0] is bottom[0] else bottom[0].data).reshape(self.dims)
             g = xp.einsum("odi,odi->d", dy, x)
             target = scale.diff.reshape(-1)
-            overwrite = (not learned or bottom[0].count() == scale.count()
+            overwrite = (not learned or bottom[0].count == scale.count
                          or (outer == 1 and inner > 1 and dim > 1))
             if overwrite:
                 target[...] = g
@@ -1312,7 +1312,7 @@ class EmbedLayer(Layer):
         return False
 
     def reshape(self, bottom, top):
-        self.M = bottom[0].count()
+        self.M = bottom[0].count
         top[0].reshape(tuple(bottom[0].shape) + (self.N,))
 
     def _indices(self, bottom):

@@ -220,7 +220,7 @@ class _BaseConvolutionLayer(Layer):
         shape = tuple(b0.shape[:axis]) + (self.num_output,) + out_sp
         for t in top:
             t.reshape(shape)
-        self.num = b0.count(0, axis)
+        self.num = b0.count_axes(0, axis)
         self.in_sp, self.out_sp = in_sp, out_sp
         if self.reverse:
             self.img_c, self.img_sp, self.col_c, self.col_sp = self.num_output, out_sp, self.channels, in_sp

@@ -603,9 +603,9 @@ class PReLULayer(NeuronLayer):
     def reshape(self, bottom, top):
         if bottom[0].ndim < 2:
             self.fail("the bottom needs at least 2 axes (N, C, ...)", bottom=bottom, error=ShapeError)
-        if not self.channel_shared and self.blobs[0].count() != bottom[0].shape[1]:
+        if not self.channel_shared and self.blobs[0].count != bottom[0].shape[1]:
             self.fail("negative slope blob has %d values for %d channels"
-                      % (self.blobs[0].count(), bottom[0].shape[1]), bottom=bottom, error=ShapeError)
+                      % (self.blobs[0].count, bottom[0].shape[1]), bottom=bottom, error=ShapeError)
         super().reshape(bottom, top)
 
     def _slope(self, shape):
