@@ -31,10 +31,21 @@ def set_mode_cpu():
 
 
 def set_mode_gpu():
-    """Create new nets and blobs on the GPU (CuPy). Needs cupy installed."""
+    """Create new nets and blobs on the GPU (CuPy).
+
+    Needs CuPy and a CUDA device; without them it raises ConfigError (and the
+    mode stays CPU) rather than running on the CPU unnoticed.
+    """
+    from .errors import ConfigError
     if cupy is None:
-        from .errors import ConfigError
-        raise ConfigError("GPU mode needs CuPy: pip install cupy-cuda12x")
+        raise ConfigError("GPU mode needs CuPy and a CUDA GPU: pip install cupy-cuda12x "
+                          "(or stay on the CPU: set_mode_cpu)")
+    try:
+        devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # pragma: no cover - needs CuPy without a working driver
+        raise ConfigError("GPU mode: CuPy is installed but finds no usable CUDA device (%s)" % exc) from exc
+    if devices < 1:  # pragma: no cover
+        raise ConfigError("GPU mode: CuPy is installed but there is no CUDA device")
     _mode["xp"] = cupy
 
 

@@ -7,6 +7,9 @@ LayerParameter.  The class subclasses :class:`netlib.Layer`; before
 ``self.layer_param`` and ``self.blobs`` (``add_blob(*shape)`` makes a
 parameter blob that the solver trains, shares and snapshots like any other).
 Its hooks are pycaffe's: ``setup``, ``reshape``, ``forward``, ``backward``.
+Modules written for pycaffe (``import caffe``, ``class L(caffe.Layer)``) load
+unchanged: before importing one, netlib makes ``caffe`` resolve to netlib in
+this process (:mod:`netlib.compat`).
 An exception raised by the user's code becomes a netlib error naming the
 layer, the module and the class, chained to the user's own traceback.
 
@@ -41,7 +44,14 @@ def python_layers_allowed():
 
 
 def _import(module_name):
-    """Import ``module_name`` with the current directory on the path."""
+    """Import ``module_name`` with the current directory on the path, and
+    ``caffe`` resolving to netlib (:mod:`netlib.compat`), so modules written
+    for pycaffe (``import caffe``, ``class L(caffe.Layer)``) load unchanged."""
+    from . import compat
+    try:
+        compat.install()
+    except ConfigError:
+        pass        # the real pycaffe is imported here; the class check below explains
     cwd = os.getcwd()
     added = cwd not in sys.path and "" not in sys.path
     if added:
@@ -79,8 +89,12 @@ def create_python_layer(layer_param, phase=None, dtype=None, xp=None, allowed=No
         raise ConfigError("%s: module %r (%s) has no attribute %r"
                           % (where, p.module, getattr(module, "__file__", "?"), p.layer))
     if not (isinstance(cls, type) and issubclass(cls, Layer)):
-        raise ConfigError("%s: %s.%s must be a class that subclasses netlib.Layer (caffe.Layer)"
-                          % (where, p.module, p.layer))
+        hint = ""
+        if isinstance(cls, type) and any(k.__module__.split(".")[0] == "caffe" for k in cls.__mro__):
+            hint = ("; it subclasses the real pycaffe's caffe.Layer, imported in this process before netlib "
+                    "could stand in for 'caffe'")
+        raise ConfigError("%s: %s.%s must be a class that subclasses netlib.Layer (caffe.Layer)%s"
+                          % (where, p.module, p.layer, hint))
     try:
         layer = cls(layer_param, phase=phase, **({"dtype": dtype} if dtype is not None else {}), xp=xp)
     except Exception as exc:

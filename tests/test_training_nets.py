@@ -20,7 +20,9 @@ them and
    net's weights, and runs one forward and backward, asserting a finite loss
    and finite gradients.
 
-Nets that need Python layers are listed and skipped; the fork-only SSD nets
+Nets that need Python layers run with the pycaffe modules they name (written
+for pycaffe in tests/pycaffe_modules) against real pycaffe's shapes and
+losses (tests/golden/python_net_shapes.json); the fork-only SSD nets
 that Caffe itself cannot parse are listed, checked to be refused by netlib
 with the field named, and skipped.
 """
@@ -249,9 +251,36 @@ def test_goldens_cover_the_nets_reference_caffe_builds():
             assert {"ImageData", "WindowData"} & set(entry.types), cid
 
 
+PYTHON_GOLDEN_PATH = os.path.join(ROOT, "tests", "golden", "python_net_shapes.json")
+
+
 @pytest.mark.parametrize("entry", PYTHON, ids=[e.key for e in PYTHON])
-def test_python_layer_nets(entry):
-    pytest.skip(entry.reason)
+def test_python_layer_nets(entry, tmp_path, monkeypatch):
+    """The nets with Python layers, with the pycaffe modules they name
+    (``import caffe``, ``caffe.Layer``; tests/pycaffe_modules) loaded
+    unchanged: blob shapes after construction and after each forward (the
+    data layers reshape to each image), outputs and losses equal real
+    pycaffe's (tests/golden/python_net_shapes.json), and backward is finite."""
+    import python_net_sources as pns
+    golden = json.load(open(PYTHON_GOLDEN_PATH))["nets"][entry.key]
+    monkeypatch.chdir(pns.make_tree(str(tmp_path)))
+    monkeypatch.syspath_prepend(pns.MODULES)
+    net = netlib.Net(os.path.join(MODELS, entry.rel), getattr(netlib, golden["phase"]))
+    assert [l.type for l in net.layers].count("Python") >= 1
+    assert net.outputs == golden["outputs"]
+    assert pns.shapes(net) == golden["blobs"][0]
+    for i in range(pns.FORWARDS):
+        losses = pns.loss_values(net, net.forward())
+        assert pns.shapes(net) == golden["blobs"][i + 1]
+        assert losses.keys() == golden["losses"][i].keys()
+        if not entry.key.startswith("pycaffe_linreg"):      # linreg's DummyData is random
+            # Caffe sums the per-pixel losses one by one in float32 (about 1e-5
+            # relative drift over ~1,500 pixels); netlib's sum is more exact.
+            for name, value in losses.items():
+                assert value == pytest.approx(golden["losses"][i][name], rel=1e-4), name
+    net.backward()
+    for blob in net.learnable_params:
+        assert numpy.isfinite(blob.diff).all()
 
 
 @pytest.mark.parametrize("entry", REFUSED, ids=[e.key for e in REFUSED])

@@ -99,7 +99,7 @@ REFUSED_FIELDS = {
     "mobilenet_ssd_voc/MobileNetSSD_train.prototxt": "resize_param",
     "mobilenet_ssd_voc/MobileNetSSD_test.prototxt": "resize_param",
 }
-PYTHON_REASON = "needs Python layers (issue 7)"
+PYTHON_REASON = "has Python layers: tests/test_training_nets.py builds it with tests/pycaffe_modules"
 
 
 def case_id(key, phase, stages=()):
