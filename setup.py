@@ -6,6 +6,7 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = ["lmdb>=1.4", "plyvel>=1.5", "Pillow>=9"]
 PLOT = ["matplotlib>=3.5"]
+DRAW = ["pydot>=1.4"]
 
 setup(
     name="netlib",
@@ -24,9 +25,11 @@ setup(
         "data": DATA,
         # plot_training_log's charts.
         "plot": PLOT,
+        # caffe.draw / draw_net graphs (PNG/SVG/PDF also need Graphviz's dot program).
+        "draw": DRAW,
         # The test suite: every optional feature, and OpenCV as the independent
         # reference for netlib's own image decoding and resizing.
-        "test": ["pytest>=7", "grpcio-tools>=1.85", "opencv-python-headless>=4.8"] + DATA + PLOT,
+        "test": ["pytest>=7", "grpcio-tools>=1.85", "opencv-python-headless>=4.8"] + DATA + PLOT + DRAW,
         "gpu": ["cupy-cuda12x"],
     },
     entry_points={"console_scripts": ["netlib=netlib.tools.cli:main"]},
