@@ -64,9 +64,10 @@ def register_layer(type_name, *aliases):
 
 
 def layer_type_list():
-    """The registered type strings, sorted (pycaffe's ``caffe.layer_type_list``)."""
+    """The registered type strings and ``"Python"``, sorted (pycaffe's
+    ``caffe.layer_type_list``, of a Caffe built with Python layers)."""
     _load_builtin_layers()
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | {"Python"})
 
 
 def layer_class(type_name):

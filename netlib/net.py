@@ -24,7 +24,8 @@ import numpy
 
 from . import backend
 from .blob import Blob
-from .errors import ConfigError, LayerError, NetlibError, ShapeError, WeightsError
+from .errors import (ConfigError, LayerError, NetlibError, NetlibFileNotFoundError, ShapeError,
+                     WeightsError)
 from .files import is_hdf5, read_net_param, read_weights_param, write_binary_proto, atomic_write
 from .layer import create_layer
 from .proto import caffe_pb2
@@ -128,6 +129,57 @@ def insert_splits(param):
     return out
 
 
+_ALSO = {}
+
+
+def _also(error_cls, builtin_cls):
+    """A subclass of netlib's ``error_cls`` that is also ``builtin_cls``.
+
+    pycaffe lets some exceptions through with their own class: an exception
+    raised inside a Python layer's setup/forward/backward reaches the caller
+    as that very class (a ``RuntimeError`` stays a ``RuntimeError``), and a
+    missing net or weights file is a ``RuntimeError``.  netlib keeps its own
+    message and class (naming the layer) and adds the class pycaffe callers
+    catch.  Falls back to ``error_cls`` when the two cannot be combined.
+    (Instances of these combined classes do not pickle.)
+    """
+    if issubclass(error_cls, builtin_cls):
+        return error_cls
+    key = (error_cls, builtin_cls)
+    if key not in _ALSO:
+        combined = error_cls
+        try:
+            cls = type(error_cls.__name__, (error_cls, builtin_cls),
+                       {"__module__": error_cls.__module__, "__doc__": error_cls.__doc__,
+                        "__str__": BaseException.__str__})
+            if str(cls("probe")) == "probe":  # e.g. UnicodeDecodeError needs 5 arguments
+                combined = cls
+        except Exception:  # a layout conflict, a final class, a picky metaclass or __init__
+            pass
+        _ALSO[key] = combined
+    return _ALSO[key]
+
+
+class InputArrayError(ShapeError, RuntimeError):
+    """``set_input_arrays`` refused its arrays (pycaffe raises RuntimeError)."""
+
+
+def _check_input_array(array, name, channels, height, width):
+    """pycaffe's CheckContiguousArray: C-contiguous, 4-D, float32, then
+    channels, height and width, in that order, with pycaffe's messages."""
+    if not isinstance(array, numpy.ndarray):
+        raise InputArrayError("%s must be a numpy array, got %s" % (name, type(array).__name__))
+    if not array.flags.c_contiguous:
+        raise InputArrayError(name + " must be C contiguous")
+    if array.ndim != 4:
+        raise InputArrayError(name + " must be 4-d")
+    if array.dtype != numpy.float32:
+        raise InputArrayError(name + " must be float32")
+    for axis, want, what in ((1, channels, "number of channels"), (2, height, "height"), (3, width, "width")):
+        if array.shape[axis] != want:
+            raise InputArrayError("%s has wrong %s" % (name, what))
+
+
 def _parse_phase(phase):
     if phase is None:
         return None
@@ -158,7 +210,10 @@ class Net:
             weights, phase = args
         elif len(args) > 2:
             raise TypeError("Net(model, phase) or Net(model, weights, phase)")
-        param = read_net_param(model)
+        try:
+            param = read_net_param(model)
+        except NetlibFileNotFoundError as exc:
+            raise _also(type(exc), RuntimeError)(str(exc)) from None  # pycaffe: RuntimeError
         self.source = model if isinstance(model, (str, os.PathLike)) and os.path.isfile(model) else None
         phase = _parse_phase(phase)
         if phase is not None:
@@ -173,7 +228,10 @@ class Net:
         self._init(param)
         if weights:
             for w in (weights.split(",") if isinstance(weights, str) else weights):
-                self.copy_from(w)
+                try:
+                    self.copy_from(w)
+                except NetlibFileNotFoundError as exc:
+                    raise _also(type(exc), RuntimeError)(str(exc)) from None
 
     # -- construction ----------------------------------------------------------------
     def _init(self, in_param):
@@ -304,7 +362,7 @@ class Net:
         except NetlibError:
             raise
         except Exception as exc:  # numpy/protobuf errors from inside a layer
-            raise LayerError("%s: setup failed: %s: %s; bottom shapes %s"
+            raise _also(LayerError, type(exc))("%s: setup failed: %s: %s; bottom shapes %s"
                              % (layer.describe(), type(exc).__name__, exc,
                                 [tuple(b.shape) for b in bottoms])) from exc
 
@@ -406,6 +464,40 @@ class Net:
     def _layer_names(self):
         return self.layer_names
 
+    # pycaffe's underscore accessors (its C++ Net getters), by blob index.
+    @property
+    def _blobs(self):
+        """Every blob, in blob-index order (``blobs`` is zip(_blob_names, _blobs))."""
+        return list(self._blob_list)
+
+    @property
+    def _inputs(self):
+        """Blob indices of the net inputs."""
+        return list(self._input_ids)
+
+    @property
+    def _outputs(self):
+        """Blob indices of the net outputs (in ``outputs`` order)."""
+        return list(self._output_ids)
+
+    @property
+    def _blob_loss_weights(self):
+        """Loss weight of every blob, in blob-index order."""
+        weights = [0.0] * len(self._blob_list)
+        for layer, ids in zip(self.layers, self.top_ids):
+            for j, tid in enumerate(ids):
+                if layer.loss(j):
+                    weights[tid] = float(layer.loss(j))
+        return weights
+
+    def _top_ids(self, i):
+        """Blob indices of layer ``i``'s tops."""
+        return list(self.top_ids[i])
+
+    def _bottom_ids(self, i):
+        """Blob indices of layer ``i``'s bottoms."""
+        return list(self.bottom_ids[i])
+
     @property
     def params(self):
         """Layer name -> list of parameter blobs, for layers that have any."""
@@ -483,7 +575,7 @@ class Net:
             raise
         except Exception as exc:
             layer = self.layers[i]
-            raise LayerError("%s: forward failed: %s: %s; bottom shapes %s"
+            raise _also(LayerError, type(exc))("%s: forward failed: %s: %s; bottom shapes %s"
                              % (layer.describe(), type(exc).__name__, exc,
                                 [tuple(b.shape) for b in self.bottom_vecs[i]])) from exc
         return float(loss)
@@ -507,7 +599,7 @@ class Net:
             raise
         except Exception as exc:
             layer = self.layers[i]
-            raise LayerError("%s: backward failed: %s: %s; top shapes %s"
+            raise _also(LayerError, type(exc))("%s: backward failed: %s: %s; top shapes %s"
                              % (layer.describe(), type(exc).__name__, exc,
                                 [tuple(t.shape) for t in self.top_vecs[i]])) from exc
 
@@ -622,6 +714,8 @@ class Net:
                                                         dtype=numpy.asarray(a[:1]).dtype)])
                    for name, a in arrays.items()}
 
+    _batch = _batches  # pycaffe's name
+
     @staticmethod
     def _collect(parts, num):
         from .backend import to_numpy
@@ -671,13 +765,33 @@ class Net:
             layer.reshape(bottoms, tops)
 
     def set_input_arrays(self, data, labels):
-        """Feed a MemoryData first layer (pycaffe's set_input_arrays)."""
-        layer = self.layers[0]
-        if layer.type != "MemoryData":
-            raise ConfigError("set_input_arrays needs a MemoryData layer first, got %s" % layer.type)
-        layer.reset(data, labels)
+        """Feed the MemoryData first layer (pycaffe's set_input_arrays).
 
-    _set_input_arrays = set_input_arrays
+        ``data``: float32, C-contiguous (N, channels, height, width);
+        ``labels``: float32 (N,) (made (N, 1, 1, 1) as pycaffe does) or
+        (N, 1, 1, 1); N a multiple of the layer's batch_size.  Anything else
+        raises :class:`InputArrayError` (a RuntimeError, as in pycaffe) with
+        pycaffe's message; nothing is converted.  As in pycaffe, the layer
+        reads the caller's data array in place: changing it later changes
+        what the next forward serves.
+        """
+        if getattr(labels, "ndim", None) == 1:
+            labels = numpy.ascontiguousarray(labels[:, numpy.newaxis, numpy.newaxis, numpy.newaxis])
+        return self._set_input_arrays(data, labels)
+
+    def _set_input_arrays(self, data, labels):
+        """pycaffe's C++ half of set_input_arrays: labels must already be 4-D."""
+        layer = self.layers[0] if self.layers else None
+        if layer is None or layer.type != "MemoryData":
+            raise InputArrayError("set_input_arrays may only be called if the first layer is a "
+                                  "MemoryDataLayer (it is %s)" % (layer.type if layer else "absent"))
+        _check_input_array(data, "data array", layer.channels, layer.height, layer.width)
+        _check_input_array(labels, "labels array", 1, 1, 1)
+        if data.shape[0] != labels.shape[0]:
+            raise InputArrayError("data and labels must have the same first dimension")
+        if data.shape[0] % layer.batch_size != 0:
+            raise InputArrayError("first dimensions of input arrays must be a multiple of batch size")
+        layer.reset(data, labels)
 
     # -- parameters --------------------------------------------------------------------
     def clear_param_diffs(self):

@@ -342,7 +342,7 @@ class TestMemoryData:
             d, l = forward(layer, bottom, top)
             idx = [(2 * step) % 6, (2 * step + 1) % 6]
             numpy.testing.assert_array_equal(d, data[idx])
-            numpy.testing.assert_array_equal(l, labels[idx])
+            numpy.testing.assert_array_equal(l, labels[idx].reshape(2, 1, 1, 1))  # Caffe: 4-D after a forward
             assert d.dtype == numpy.float32
 
     def test_state_dict(self):
@@ -355,7 +355,7 @@ class TestMemoryData:
         layer.load_state_dict(state)
         got = forward(layer, bottom, top)
         numpy.testing.assert_array_equal(got[1], expected[1])
-        numpy.testing.assert_array_equal(got[1], [2, 3])
+        numpy.testing.assert_array_equal(got[1].ravel(), [2, 3])
 
     @pytest.mark.parametrize("data_shape, label_shape, pattern", [
         ((3, 1, 2, 3), (3,), "multiple of batch_size"),
@@ -388,14 +388,14 @@ class TestMemoryData:
         net.forward()
         net.forward()
         numpy.testing.assert_array_equal(net.blobs["data"].data, data[2:4])
-        numpy.testing.assert_array_equal(net.blobs["label"].data, [3, 4])
+        numpy.testing.assert_array_equal(net.blobs["label"].data, [[[[3]]], [[[4]]]])
 
     def test_set_batch_size(self):
         layer, bottom, top = make_layer(MEM, 2)
         layer.reset(numpy.zeros((6, 1, 2, 3)), numpy.arange(6))
         layer.set_batch_size(3)
         _, l = forward(layer, bottom, top)
-        numpy.testing.assert_array_equal(l, [0, 1, 2])
+        numpy.testing.assert_array_equal(l.ravel(), [0, 1, 2])
         with pytest.raises(ConfigError):
             layer.set_batch_size(4)
 

@@ -325,7 +325,8 @@ class MemoryDataLayer(_DataLayer):
     ``net.set_input_arrays(data, labels)``).
 
     Tops: ``data`` (batch_size, channels, height, width) and ``label``
-    (batch_size,).  Each forward copies the next ``batch_size`` items and wraps
+    (batch_size,) after setup, (batch_size, 1, 1, 1) from the first forward
+    on, as Caffe reshapes them.  Each forward copies the next ``batch_size`` items and wraps
     around at the end; the item count must be a multiple of batch_size.
     As in Caffe, ``reset`` does not apply transform_param (a warning says so).
     """
@@ -389,9 +390,9 @@ class MemoryDataLayer(_DataLayer):
                       "layer.reset(data, labels) first", error=ConfigError)
         b = self.batch_size
         top[0].reshape(b, self.channels, self.height, self.width)
-        top[1].reshape(b)
+        top[1].reshape(b, 1, 1, 1)      # Caffe: (batch_size,) after setup, 4-D from the first forward
         top[0].data[...] = self._data[self.pos:self.pos + b]
-        top[1].data[...] = self._labels[self.pos:self.pos + b]
+        top[1].data[...] = self._labels[self.pos:self.pos + b].reshape(b, 1, 1, 1)
         self.pos = (self.pos + b) % self.n
 
     def state_dict(self):
