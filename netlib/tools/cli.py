@@ -44,6 +44,7 @@ TOOLS = {
     "extract_features": "netlib.tools.extract_features",
     "parse_log": "netlib.tools.parse_log",
     "plot_training_log": "netlib.tools.plot_log",
+    "draw_net": "netlib.tools.draw_net",
 }
 
 USAGE = """usage: netlib <command> <args>
@@ -60,6 +61,8 @@ commands:
   extract_features WEIGHTS MODEL BLOB1,BLOB2 DB1,DB2 NUM_BATCHES [lmdb|leveldb|hdf5]
   parse_log LOGFILE OUTPUT_DIR [--delimiter ,]               training log -> .train/.test CSV tables
   plot_training_log CHART_TYPE OUT.png|svg LOG1 [LOG2 ...]  (netlib <tool> --help for each tool's flags)
+  draw_net NET.prototxt OUT.png|svg|dot [--rankdir LR] [--phase TRAIN|TEST|ALL] [--display_lrm]
+  run SCRIPT.py [ARGS...] | run -m MODULE [ARGS...]   run an unchanged pycaffe script ('import caffe' gives netlib)
 
 flags (--flag=value, --flag value or -flag value):
   --solver        the solver definition protocol buffer text file
@@ -604,6 +607,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     from ..errors import NetlibError
     try:
+        if argv and argv[0] == "run":
+            from ..compat import run
+            with logging_to(""):
+                return run(argv[1:])
         if argv and argv[0] in TOOLS:
             import importlib
             tool = importlib.import_module(TOOLS[argv[0]])
