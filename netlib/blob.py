@@ -105,18 +105,22 @@ class Blob:
 
     @property
     def num(self):
+        """Axis 0 of a blob of up to 4 axes (1 when it has fewer), Caffe's legacy accessor."""
         return self.legacy_shape(0)
 
     @property
     def channels(self):
+        """Axis 1 of a blob of up to 4 axes (1 when it has fewer), Caffe's legacy accessor."""
         return self.legacy_shape(1)
 
     @property
     def height(self):
+        """Axis 2 of a blob of up to 4 axes (1 when it has fewer), Caffe's legacy accessor."""
         return self.legacy_shape(2)
 
     @property
     def width(self):
+        """Axis 3 of a blob of up to 4 axes (1 when it has fewer), Caffe's legacy accessor."""
         return self.legacy_shape(3)
 
     # -- storage ------------------------------------------------------------

@@ -462,6 +462,7 @@ class Net:
     # -- pycaffe-style properties ----------------------------------------------------
     @property
     def _layer_names(self):
+        """The layer names, in order."""
         return self.layer_names
 
     # pycaffe's underscore accessors (its C++ Net getters), by blob index.
@@ -506,6 +507,7 @@ class Net:
 
     @property
     def inputs(self):
+        """Names of the net inputs (the tops of Input layers and legacy ``input:`` fields)."""
         return [self._blob_names[i] for i in self._input_ids]
 
     @property
@@ -519,16 +521,19 @@ class Net:
 
     @property
     def top_names(self):
+        """OrderedDict layer name -> the names of its tops."""
         return collections.OrderedDict((n, [self._blob_names[t] for t in ids])
                                        for n, ids in zip(self.layer_names, self.top_ids))
 
     @property
     def bottom_names(self):
+        """OrderedDict layer name -> the names of its bottoms."""
         return collections.OrderedDict((n, [self._blob_names[b] for b in ids])
                                        for n, ids in zip(self.layer_names, self.bottom_ids))
 
     @property
     def blob_loss_weights(self):
+        """OrderedDict blob name -> its loss weight (0 for blobs that are not losses)."""
         weights = collections.OrderedDict((n, 0.0) for n in self.blobs)
         for layer, ids in zip(self.layers, self.top_ids):
             for j, tid in enumerate(ids):
@@ -620,9 +625,11 @@ class Net:
         return loss
 
     def _forward(self, start, end):
+        """Forward layers ``start`` to ``end`` (indices, inclusive); returns the loss."""
         return self.forward_from_to(start, end)
 
     def _backward(self, start, end):
+        """Backward from layer ``start`` down to ``end`` (indices, inclusive)."""
         return self.backward_from_to(start, end)
 
     def forward(self, blobs=None, start=None, end=None, **kwargs):
@@ -795,6 +802,7 @@ class Net:
 
     # -- parameters --------------------------------------------------------------------
     def clear_param_diffs(self):
+        """Zero the diff of every learnable parameter (in place)."""
         for blob in self.learnable_params:
             blob.diff[...] = 0
 
@@ -887,6 +895,7 @@ class Net:
             self.copy_trained_layers_from(read_weights_param(path), path)
 
     def load_hdf5(self, path):
+        """Load weights from Caffe's HDF5 format (``/data/<layer>/<i>``), by layer name."""
         self.copy_trained_layers_from_hdf5(path)
 
     def to_proto(self, write_diff=False):

@@ -87,6 +87,7 @@ def solver_count():
 
 
 def set_solver_count(count):
+    """Set the number of solvers training together (bookkeeping; see has_nccl)."""
     if int(count) < 1:
         raise ConfigError("set_solver_count: count must be >= 1, got %r" % (count,))
     _state["solver_count"] = int(count)
@@ -98,6 +99,7 @@ def solver_rank():
 
 
 def set_solver_rank(rank):
+    """Set this process's solver rank."""
     if int(rank) < 0:
         raise ConfigError("set_solver_rank: rank must be >= 0, got %r" % (rank,))
     _state["solver_rank"] = int(rank)

@@ -11,7 +11,6 @@ import re
 import shlex
 import sys
 
-import pytest
 
 from conftest import ROOT
 from netlib.tools import cli
@@ -47,3 +46,22 @@ def test_python_layer_tutorial(tmp_path, monkeypatch, capsys):
     assert "scale [ 2.   -1.    0.5]" in out.out or "scale [ 2.  -1.   0.5]" in out.out, out.out
     assert "Iteration 300, loss = " in out.err
     sys.modules.pop("my_layers", None)
+
+
+def test_api_reference_is_current():
+    """docs/api.md is what tools/make_api_reference.py writes from the code."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import make_api_reference
+    finally:
+        sys.path.pop(0)
+    current = open(os.path.join(DOCS, "api.md"), encoding="utf-8").read()
+    assert current == make_api_reference.render(), "docs/api.md is stale: run python tools/make_api_reference.py"
+
+
+def test_docs_link_to_pages_that_exist():
+    for page in os.listdir(DOCS):
+        if page.endswith(".md"):
+            text = open(os.path.join(DOCS, page), encoding="utf-8").read()
+            for target in re.findall(r"\]\(([^)#:]+\.md)\)", text):
+                assert os.path.exists(os.path.join(DOCS, target)), (page, target)
