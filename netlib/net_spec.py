@@ -50,7 +50,10 @@ Rules (the same as pycaffe's, quirks included on purpose):
 * ``to_proto(*tops)`` takes Tops only (an ``ntop=0`` Function there raises
   AttributeError, as in pycaffe); a NetSpec takes Functions as well.
 
-Difference from pycaffe: looking up an unassigned name on a NetSpec raises an
+Additions to pycaffe: plain keywords of the layer types that share another
+type's message reach it (``L.Deconvolution(x, num_output=21, kernel_size=4)``
+fills ``convolution_param``, where pycaffe raises AttributeError; also Im2col,
+RNN and LSTM); and looking up an unassigned name on a NetSpec raises an
 error that is both a ``KeyError`` (what pycaffe raises) and an
 ``AttributeError``, so ``hasattr``/``getattr(n, x, default)`` and ``copy``
 work instead of crashing.
@@ -71,10 +74,8 @@ def param_name_dict():
     ``InnerProduct``, ``Transformation``, ...), the value the field name
     without ``_param`` (``convolution``, ``inner_product``, ``transform``).
     Not every entry is a layer type (``Transformation``, ``Loss``), and types
-    that reuse another layer's message (``Deconvolution``) have no entry: their
-    plain keywords fall back to the LayerParameter, where protobuf rejects
-    them (AttributeError), so such layers need ``convolution_param=dict(...)``,
-    exactly as in pycaffe.
+    that reuse another layer's message (``Deconvolution``) have no entry, as
+    in pycaffe; netlib's keyword routing adds them (``SHARED_PARAM_MESSAGES``).
     """
     mapping = {}
     for field in caffe_pb2.LayerParameter.DESCRIPTOR.fields:
@@ -290,6 +291,13 @@ class Parameters(object):
         return Param()
 
 
-_param_names = param_name_dict()
+# Layer types whose parameters live in another type's message.  pycaffe has no
+# entry for them, so there ``L.Deconvolution(x, num_output=...)`` fails and
+# only ``convolution_param=dict(...)`` works; netlib routes the plain keywords
+# there too (a strict addition: no script that runs under pycaffe changes).
+SHARED_PARAM_MESSAGES = {"Deconvolution": "convolution", "Im2col": "convolution",
+                         "RNN": "recurrent", "LSTM": "recurrent"}
+
+_param_names = dict(param_name_dict(), **SHARED_PARAM_MESSAGES)
 layers = Layers()
 params = Parameters()
