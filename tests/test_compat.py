@@ -157,3 +157,16 @@ def test_set_mode_gpu_without_cupy_is_a_clear_error(monkeypatch):
     with pytest.raises(netlib.ConfigError, match="CuPy"):
         netlib.set_mode_gpu()
     assert backend.default_xp() is numpy
+
+
+def test_a_real_caffe_on_the_scripts_path_is_shadowed(tmp_path, capsys):
+    """pycaffe scripts often do sys.path.insert(0, caffe_root + 'python');
+    under netlib run that folder's caffe package is never imported."""
+    fake = tmp_path / "caffe_root" / "python" / "caffe"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise SystemExit('the real pycaffe was imported')\n")
+    script = tmp_path / "s.py"
+    script.write_text("import sys\nsys.path.insert(0, %r)\nimport caffe\nimport caffe.io\n"
+                      "print('got', caffe.__name__, caffe.io.__name__)\n" % str(fake.parent))
+    assert cli.main(["run", str(script)]) == 0
+    assert "got netlib netlib.io" in capsys.readouterr().out
