@@ -70,12 +70,21 @@ def layer_type_list():
     return sorted(set(_REGISTRY) | {"Python"})
 
 
+# Types of well-known forks that netlib knows and does not run, with why.
+UNSUPPORTED_TYPES = dict.fromkeys(
+    ("AnnotatedData", "MultiBoxLoss", "DetectionEvaluate"),
+    "not supported: SSD training (the SSD fork's AnnotatedData, MultiBoxLoss and DetectionEvaluate layers); "
+    "netlib runs SSD deploy nets: Permute, PriorBox, Normalize and DetectionOutput are supported")
+
+
 def layer_class(type_name):
     """The class registered for ``type_name`` (a V1 enum name also works)."""
     _load_builtin_layers()
     cls = _REGISTRY.get(type_name)
     if cls is None and type_name in _V1_ALIASES:
         cls = _REGISTRY.get(_V1_ALIASES[type_name])
+    if cls is None and type_name in UNSUPPORTED_TYPES:
+        raise UnknownLayerTypeError("layer type %r: %s" % (type_name, UNSUPPORTED_TYPES[type_name]))
     if cls is None:
         close = difflib.get_close_matches(type_name, list(_REGISTRY), n=3, cutoff=0.5)
         if not close:

@@ -22,9 +22,9 @@ them and
 
 Nets that need Python layers run with the pycaffe modules they name (written
 for pycaffe in tests/pycaffe_modules) against real pycaffe's shapes and
-losses (tests/golden/python_net_shapes.json); the fork-only SSD nets
-that Caffe itself cannot parse are listed, checked to be refused by netlib
-with the field named, and skipped.
+losses (tests/golden/python_net_shapes.json); the SSD fork's training nets
+(which BVLC Caffe cannot parse; netlib parses its fields as fork extensions)
+are checked to be refused with a clear "not supported: SSD training".
 """
 import gc
 import json
@@ -45,6 +45,7 @@ BUILDABLE = [e for e in ENTRIES if e.status == "ok"]
 CASES = [(e, phase, stages) for e in BUILDABLE for phase, stages in e.states]
 PYTHON = [e for e in ENTRIES if e.status == "python"]
 REFUSED = [e for e in ENTRIES if e.status == "refused"]
+UNSUPPORTED = [e for e in ENTRIES if e.status == "unsupported"]
 
 GOLDEN_PATH = os.path.join(ROOT, "tests", "golden", "train_net_shapes.json")
 GOLDEN = json.load(open(GOLDEN_PATH)) if os.path.exists(GOLDEN_PATH) else {"nets": {}, "unavailable": {}}
@@ -236,6 +237,7 @@ def test_discovery_finds_every_kind_of_training_net():
                                        "fcn_alexnet_voc/train.prototxt", "fcn_alexnet_voc/val.prototxt",
                                        "pycaffe_linreg/linreg.prototxt"}
     assert {e.key for e in REFUSED} == set(tns.REFUSED_FIELDS)
+    assert {e.key for e in UNSUPPORTED} == set(tns.UNSUPPORTED_NETS)
 
 
 def test_goldens_cover_the_nets_reference_caffe_builds():
@@ -283,9 +285,13 @@ def test_python_layer_nets(entry, tmp_path, monkeypatch):
         assert numpy.isfinite(blob.diff).all()
 
 
-@pytest.mark.parametrize("entry", REFUSED, ids=[e.key for e in REFUSED])
-def test_nets_caffe_refuses(entry):
-    with pytest.raises(netlib.ParseError) as err:
-        netlib.Net(os.path.join(MODELS, entry.rel), netlib.TRAIN)
-    assert tns.REFUSED_FIELDS[entry.key] in str(err.value)
-    pytest.skip(entry.reason)
+@pytest.mark.parametrize("entry", UNSUPPORTED, ids=[e.key for e in UNSUPPORTED])
+def test_ssd_training_nets_are_refused_clearly(entry):
+    """The SSD fork's training nets parse (fork extensions) and building one
+    says what is not supported and what is, naming the layer."""
+    phase = netlib.TEST if entry.rel.endswith("_test.prototxt") else netlib.TRAIN   # its data layer's phase
+    with pytest.raises(netlib.UnknownLayerTypeError) as err:
+        netlib.Net(os.path.join(MODELS, entry.rel), phase)
+    text = str(err.value)
+    assert "not supported: SSD training" in text and tns.UNSUPPORTED_NETS[entry.key] in text
+    assert "DetectionOutput are supported" in text and "layer 'data'" in text
