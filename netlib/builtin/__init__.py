@@ -3,5 +3,5 @@
 The prefetching data layers (Data, ImageData, WindowData) live in the data
 pipeline package, :mod:`netlib.data`.
 """
-from . import data, vision, neuron, common, loss, normalization  # noqa: F401
+from . import data, vision, neuron, common, loss, normalization, recurrent  # noqa: F401
 from ..data import layers as _data_layers, window as _window_layer  # noqa: F401
