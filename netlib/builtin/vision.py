@@ -25,12 +25,20 @@ Convolution / Deconvolution (``convolution_param``)
     batched matmul with no im2col (Caffe's ``is_1x1_``).  Backward: bias and
     weight gradients accumulate (``+=``) into the param diffs, bottom diffs are
     overwritten; ``param_propagate_down`` and ``propagate_down`` are honoured.
+    A 2-D Convolution with ``group == channels`` (depthwise, channel
+    multiplier ``num_output / channels``) runs on the im2col-free engine of
+    :mod:`netlib.builtin.depthwise` instead.  An output size below 1 (kernel
+    larger than the padded input) is a ShapeError; Caffe's truncation quirk
+    (an overhang smaller than the stride still gives one output) is kept.
 
 Pooling (``pooling_param``)
     bottom ``(N, C, H, W)`` (4-D only), top ``(N, C, PH, PW)`` with
     ``PH = ceil((H + 2*pad - k) / stride) + 1`` (``floor`` with
-    ``round_mode: FLOOR``) and Caffe's correction: when a pad is non-zero and
-    the last window starts at or past ``H + pad``, it is dropped.
+    ``round_mode: FLOOR``, or with the fork field ``ceil_mode: false`` of
+    DenseNet's Caffe, which when given takes precedence over round_mode) and
+    Caffe's correction: when a pad is non-zero and the last window starts at
+    or past ``H + pad``, it is dropped (whatever the rounding).  An output
+    size below 1 (kernel larger than the padded input) is a ShapeError.
 
     * MAX: windows clipped to the image, top starts at ``-FLT_MAX``, strict
       ``>`` so the first maximum in raster order wins (NaNs never win; a
@@ -212,9 +220,10 @@ class _BaseConvolutionLayer(Layer):
         else:
             out_sp = tuple(conv_out_size(i, k, q, s, d) for i, k, q, s, d in
                            zip(in_sp, self.kernel, self.pad, self.stride, self.dilation))
-        if any(o < 0 for o in out_sp):
-            self.fail("kernel %s (dilation %s, pad %s, stride %s) does not fit the input %s: "
-                      "output size would be %s" % (self.kernel, self.dilation, self.pad,
+        if any(o <= 0 for o in out_sp):
+            self.fail("kernel %s (dilation %s, pad %s, stride %s) does not fit the input %s "
+                      "(kernel larger than the padded input): output size would be %s"
+                      % (self.kernel, self.dilation, self.pad,
                                                    self.stride, in_sp, out_sp),
                       bottom=bottom, error=ShapeError)
         shape = tuple(b0.shape[:axis]) + (self.num_output,) + out_sp
@@ -333,14 +342,61 @@ class _BaseConvolutionLayer(Layer):
 
 @register_layer("Convolution")
 class ConvolutionLayer(_BaseConvolutionLayer):
-    """Caffe's Convolution (see the module docstring for shapes and formula)."""
+    """Caffe's Convolution (see the module docstring for shapes and formula).
+
+    A 2-D depthwise convolution (``group == channels`` and ``num_output`` a
+    multiple of the channels) runs on :class:`netlib.builtin.depthwise.DepthwiseEngine`
+    (strided views per kernel offset, no im2col) unless ``depthwise_fast_path``
+    is False (class or instance attribute); the numbers are the same.
+    """
+
+    #: Use the depthwise engine when the layer is depthwise (see the class docstring).
+    depthwise_fast_path = True
+    _dw = None
+
+    def reshape(self, bottom, top):
+        super().reshape(bottom, top)
+        self._dw = None
+        if (self.depthwise_fast_path and self.num_spatial_axes == 2
+                and self.group == self.channels and self.num_output % self.channels == 0):
+            from .depthwise import DepthwiseEngine
+            engine = getattr(self, "_dw_engine", None)
+            if engine is None:
+                engine = self._dw_engine = DepthwiseEngine()
+            engine.configure(self.num, self.channels, self.num_output // self.channels,
+                             self.in_sp[0], self.in_sp[1], self.kernel, self.pad, self.stride,
+                             self.dilation)
+            self._dw = engine
+
+    def _dw_view(self, arr, channels, sp):
+        return arr.reshape((self.num, channels) + tuple(sp))
 
     def forward(self, bottom, top):
+        if self._dw is not None:
+            w = self.blobs[0].data
+            bias = self.blobs[1].data if self.bias_term else None
+            for b, t in zip(bottom, top):
+                self._dw.forward(self._dw_view(b.data, self.channels, self.in_sp), w, bias,
+                                 self._dw_view(t.data, self.num_output, self.out_sp))
+            return
         for b, t in zip(bottom, top):
             self._im2col_pass(self._img_view(b.data), out=self._col_view(t.data))
             self._add_bias(t.data)
 
+    def _backward_depthwise(self, top, propagate_down, bottom):
+        w = self.blobs[0].data
+        dw = self.blobs[0].diff if self.param_propagate_down[0] else None
+        db = (self.blobs[1].diff if self.bias_term and self.param_propagate_down[1] else None)
+        for i, (t, b) in enumerate(zip(top, bottom)):
+            dx = self._dw_view(b.diff, self.channels, self.in_sp) if propagate_down[i] else None
+            self._dw.backward(self._dw_view(b.data, self.channels, self.in_sp), w,
+                              self._dw_view(t.diff, self.num_output, self.out_sp),
+                              dx=dx, dw=dw, db=db)
+
     def backward(self, top, propagate_down, bottom):
+        if self._dw is not None:
+            self._backward_depthwise(top, propagate_down, bottom)
+            return
         need_w = self.param_propagate_down[0]
         dW = None
         for i, (t, b) in enumerate(zip(top, bottom)):
@@ -451,7 +507,11 @@ class PoolingLayer(Layer):
                 self.fail("pad (%d, %d) must be smaller than the kernel (%d, %d)"
                           % (self.pad_h, self.pad_w, self.kernel_h, self.kernel_w),
                           error=ConfigError)
-        self.ceil_mode = p.round_mode == P.CEIL
+        # The fork field ceil_mode (DenseNet's Caffe), when given, overrides round_mode.
+        if p.HasField("ceil_mode"):
+            self.ceil_mode = bool(p.ceil_mode)
+        else:
+            self.ceil_mode = p.round_mode == P.CEIL
         self._P = P
         self._geom_key = None
         self._argmax = None
@@ -472,9 +532,10 @@ class PoolingLayer(Layer):
         if ph or pw:
             PH = pool_clip_last(PH, H, ph, sh)
             PW = pool_clip_last(PW, W, pw, sw)
-        if PH < 0 or PW < 0:
-            self.fail("kernel %dx%d (pad %d,%d) does not fit the %dx%d input: output size %dx%d"
-                      % (kh, kw, ph, pw, H, W, PH, PW), bottom=bottom, error=ShapeError)
+        if PH <= 0 or PW <= 0:
+            self.fail("kernel %dx%d (pad %d,%d, stride %d,%d) does not fit the %dx%d input "
+                      "(kernel larger than the padded input): output size %dx%d"
+                      % (kh, kw, ph, pw, sh, sw, H, W, PH, PW), bottom=bottom, error=ShapeError)
         top[0].reshape(N, C, PH, PW)
         if len(top) > 1:
             top[1].reshape(N, C, PH, PW)
