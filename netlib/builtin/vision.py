@@ -344,10 +344,12 @@ class _BaseConvolutionLayer(Layer):
 class ConvolutionLayer(_BaseConvolutionLayer):
     """Caffe's Convolution (see the module docstring for shapes and formula).
 
-    A 2-D depthwise convolution (``group == channels`` and ``num_output`` a
+    A 2-D depthwise convolution (``group == channels > 1`` and ``num_output`` a
     multiple of the channels) runs on :class:`netlib.builtin.depthwise.DepthwiseEngine`
-    (strided views per kernel offset, no im2col) unless ``depthwise_fast_path``
-    is False (class or instance attribute); the numbers are the same.
+    (one phase-buffer copy, contiguous kernel-offset windows, one batched GEMM
+    per block; no general im2col/col2im) unless ``depthwise_fast_path`` is
+    False (class or instance attribute); the numbers are the same (the
+    bottom diff bit for bit).
     """
 
     #: Use the depthwise engine when the layer is depthwise (see the class docstring).
@@ -357,7 +359,8 @@ class ConvolutionLayer(_BaseConvolutionLayer):
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
         self._dw = None
-        if (self.depthwise_fast_path and self.num_spatial_axes == 2
+        # (one input channel, group 1: an ordinary convolution, faster on the GEMM path)
+        if (self.depthwise_fast_path and self.num_spatial_axes == 2 and self.channels > 1
                 and self.group == self.channels and self.num_output % self.channels == 0):
             from .depthwise import DepthwiseEngine
             engine = getattr(self, "_dw_engine", None)
