@@ -139,7 +139,7 @@ def test_forward_backward_match_naive_and_general_path(case):
     assert glay._dw is None
     gy, gdx, gpd = run(glay, gbottom, gtop, dy)
     close(y, gy)
-    np.testing.assert_array_equal(dx, gdx)              # same products, same col2im order: same bits
+    close(dx, gdx)      # the engine's bottom diff sums the offsets in its own order: rounding only
     for a, b in zip(pd, gpd):
         close(a, b)
 
@@ -170,19 +170,20 @@ def test_channel_multiplier_matches_naive_and_general(case):
     close(pd[1], rdb)
     gy, gdx, gpd = run(*make(text, shape, fast=False, params=params, x=x), dy)
     close(y, gy)
-    np.testing.assert_array_equal(dx, gdx)
+    close(dx, gdx)
     close(pd[0], gpd[0])
 
 
 def test_rectangular_kernel_stride_pad_and_blocks(monkeypatch):
     # kernel_h/w, stride_h/w, pad_h/w; tiny blocks so the rows go in many blocks
     monkeypatch.setattr(depthwise.DepthwiseEngine, "block_elements", 64)
+    monkeypatch.setattr(depthwise.DepthwiseEngine, "backward_block_elements", 64)
     text = ('type: "Convolution" convolution_param { num_output: 5 group: 5 kernel_h: 3 kernel_w: 2 '
             'stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0 weight_filler { type: "gaussian" } '
             'bias_filler { type: "gaussian" } }')
     shape = (3, 5, 8, 6)
     lay, bottom, top = make(text, shape)
-    assert len(lay._dw.blocks) > 3
+    assert len(lay._dw.blocks) > 3 and len(lay._dw.backward_blocks) > 3
     params = [blob.data.copy() for blob in lay.blobs]
     x = bottom[0].data.copy()
     dy = RNG.standard_normal((3, 5, 4, 5)).astype(np.float32)
@@ -326,7 +327,10 @@ def test_matches_real_caffe_goldens(name, fast):
         lay.blobs[1].data[...] = case["bias"]
     y, dx, pd = run(lay, [b], [t], case["dy"])
     np.testing.assert_allclose(y, case["y"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(dx, case["dx"])       # Caffe's col2im order: Caffe's exact bits
+    if fast:    # the engine's own summation order: Caffe's values to float32 rounding
+        np.testing.assert_allclose(dx, case["dx"], rtol=1e-5, atol=1e-6)
+    else:       # the general path's col2im keeps Caffe's order: Caffe's exact bits
+        np.testing.assert_array_equal(dx, case["dx"])
     np.testing.assert_allclose(pd[0], case["weight_diff"], rtol=1e-5, atol=1e-5)
     if "bias" in case:
         np.testing.assert_allclose(pd[1], case["bias_diff"], rtol=1e-5, atol=1e-5)

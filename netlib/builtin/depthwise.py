@@ -29,24 +29,39 @@ size or stride:
   ``(rows, kh*kw, L)`` block and ONE batched GEMM per block of rows,
   ``(m, kh*kw) @ (kh*kw, L)`` per row, gives the output (Caffe's own GEMM
   shape, K = kh*kw), then ``top = out[..., :OW] + b``;
-* backward to data: ``dy`` is copied into a row-extended buffer whose junk
-  columns are zero (never written); Caffe's ``col = W^T dy`` (products for
-  m = 1, a K = m GEMM otherwise) is added into a zeroed phase-layout diff
-  buffer through the same windows, offsets in raster order: every bottom
-  pixel adds its terms in the order of Caffe's ``col2im``, so the bottom diff
-  has Caffe's exact bits; the phases are gathered back into the bottom diff;
-* weights: ``dW[:, a, e] += window . dyext`` per row (batched dots, the junk
-  columns multiply zeros), summed over the images; bias: ``sum(dy)``.
+* backward: ``dy`` is copied once into a zero-bordered flat buffer of row
+  width ``Wq`` (``D`` leading zeros, zero junk columns, trailing zeros; the
+  zeros are never rewritten).  For every stride phase ``P`` holding pixels,
+  the windows of that buffer shifted back by each offset ``k`` of ``P``
+  (phase ``P``'s pixel rows, width ``Wq``) are copied (contiguous copies)
+  into a ``(rows, m*n, Lx)`` block, ``dcol[j, k][u, v] = dy_j[u - sa_k,
+  v - se_k]`` (zero outside), which serves both gradients:
+
+  - data: ``dphase_P = W_P @ dcol``, one batched GEMV per phase (``K =
+    m*n``): the transposed convolution computed as a correlation of the
+    zero-bordered ``dy`` with the kernel, the forward's machinery; the
+    phase's pixels are copied into the bottom diff (a phase with no offset
+    gets zeros);
+  - weights: ``dW[j, k] = dcol @ xphase_P``, one batched GEMV per phase
+    over the phase layout of ``x`` (its padding cells are 0), summed over
+    the images;
+  - bias: ``sum(dy)``.
 
 The rows go in blocks sized to the L2 cache; buffers are allocated once per
 geometry and reused.  Caffe quirk kept: a kernel that overhangs the padded
 input by less than a stride still gives an output (the division
 truncates); its window reads zeros past the border.  Forward values and
-the weight and bias gradients equal Caffe's to float32 rounding (about 1
-ulp: the BLAS kernels' summation order); measured against real-Caffe
-goldens in tests/test_depthwise.py.  Not kept: the junk columns multiply
-zeros, so an inf/NaN bottom value (weight gradient) or weight (bottom diff)
-that they touch gives NaN where Caffe's result would not.
+all gradients equal Caffe's to float32 rounding: the BLAS kernels'
+summation order, about 1 ulp per term; the bottom diff in particular sums
+each pixel's terms in the engine's order (phase, then channel multiple,
+then offset), not in Caffe's col2im order, so it is not bit-identical to
+Caffe's (measured against real-Caffe goldens and the general path in
+tests/test_depthwise.py, rtol 1e-5; the project's tolerance is 1e-4).
+Bit-identity was given up on purpose: Caffe's order needs a scatter-add per
+offset into a zeroed buffer, about 1.4x slower for the whole backward.
+Not kept: the junk columns and borders multiply zeros, so an inf/NaN
+bottom value (weight gradient) or weight (bottom diff) that they touch
+gives NaN where Caffe's result would not.
 """
 import numpy
 
@@ -73,6 +88,8 @@ class DepthwiseEngine:
     #: Target number of buffer elements per block of rows (phase buffer,
     #: window copies and output), about the size of the L2 cache.
     block_elements = 1 << 19
+    #: The same for the backward pass's blocks.
+    backward_block_elements = 1 << 19
 
     def __init__(self):
         self._key = None
@@ -104,6 +121,17 @@ class DepthwiseEngine:
                 r, c = a * dh, e * dw
                 phase = (r % sh) * sw + c % sw
                 self.starts.append(phase * Hq * Wq + (r // sh) * Wq + c // sw)
+        # per kernel offset: its phase and its shift inside the phase (flat, width Wq)
+        self.offset_phase, self.shifts = [], []
+        for a in range(kh):
+            for e in range(kw):
+                r, c = a * dh, e * dw
+                self.offset_phase.append((r % sh) * sw + c % sw)
+                self.shifts.append((r // sh) * Wq + c // sw)
+        # backward: dy stored flat (width Wq, junk columns zero) after D zeros and
+        # followed by zeros, G per channel, so every shifted read stays inside
+        self.D = max(self.shifts)
+        self.G = self.D + Hq * Wq
         # per phase: (p, q, phase rows, phase cols, x rows, x cols) of the real pixels
         self.phases = []
         for p in range(sh):
@@ -117,11 +145,29 @@ class DepthwiseEngine:
                 self.phases.append((p, q, slice(i0, i1), slice(j0, j1),
                                     slice(p + i0 * sh - ph, p + (i1 - 1) * sh - ph + 1, sh),
                                     slice(q + j0 * sw - pw, q + (j1 - 1) * sw - pw + 1, sw)))
+        # backward plan, per phase holding pixels: (flat phase index, its offsets,
+        # phase rows, phase cols, x rows, x cols); offsets of empty phases read
+        # only padding (their weight gradient is 0)
+        kk = len(self.starts)
+        self._live_list = []
+        for p, q, pr, pc, xr, xc in self.phases:
+            P = p * sw + q
+            ks = [k for k in range(kk) if self.offset_phase[k] == P]
+            self._live_list.append((P, ks, pr, pc, xr, xc))
+        self._dead_offsets = kk > sum(len(ks) for _, ks, *_ in self._live_list)
+        # the largest window block of a phase and its output (per row)
+        self._dcol_len = max([m * len(ks) * (pr.stop - pr.start) * Wq
+                              for _, ks, pr, *_ in self._live_list] or [1])
+        self._dres_len = max([(pr.stop - pr.start) * Wq for _, _, pr, *_ in self._live_list] or [1])
         # blocks of rows (row = one channel of one image)
         rows = N * C
-        rpb = max(1, self.block_elements // max(1, self.S + (len(self.starts) + m) * self.L))
+        rpb = max(1, self.block_elements // max(1, self.S + (kk + m) * self.L))
         self.blocks = [(r0, min(r0 + rpb, rows)) for r0 in range(0, rows, rpb)]
-        self.rpb = rpb
+        # backward: phase buffer, extended dy, a phase's window block and its result
+        per_row = self.S + m * self.G + self._dcol_len + self._dres_len
+        brpb = max(1, self.backward_block_elements // max(1, per_row))
+        self.backward_blocks = [(r0, min(r0 + brpb, rows)) for r0 in range(0, rows, brpb)]
+        self.rpb = max(rpb, brpb)
         self._key = key
         self._bufs = {}
         return self.out_hw
@@ -205,47 +251,61 @@ class DepthwiseEngine:
             return
         kk = len(self.starts)
         rows = N * C
-        sh, sw = self.stride
+        D, G, HW = self.D, self.G, self.Hq * Wq
         dtype = dy.dtype
         x3 = x.reshape(rows, self.H, self.W)
         g4 = dy.reshape(rows, m, OH, OW)
         dx3 = None if dx is None else dx.reshape(rows, self.H, self.W)
-        wr = self._row_weights(w, xp)
-        drow = None if dw is None else xp.empty((rows, m, kk), dtype=dtype)
+        drow = None
+        if dw is not None:
+            drow = xp.empty((rows, m, kk), dtype=dtype)
+            if self._dead_offsets:
+                drow[...] = 0                   # offsets reading only padding: dW = 0
+        # per phase: the weights of its offsets, (rows, 1, m*n) in (multiple, offset) order
+        plan = []
+        wr = None if dx3 is None else self._row_weights(w, xp)
+        for P, ks, pr, pc, xr, xc in self._live_list:
+            wk = None
+            if ks and wr is not None:
+                wk = wr[:, :, ks].reshape(rows, 1, m * len(ks))
+            plan.append((P, ks, wk, pr, pc, xr, xc))
 
-        for r0, r1 in self.blocks:
+        for r0, r1 in self.backward_blocks:
             R = r1 - r0
-            # dy row-extended to width Wq; the junk columns are never written (zero)
-            gext = self._buf("gext", m * L, R, xp, dtype, zero=True)
-            gext.reshape(R, m, OH, Wq)[..., :OW] = g4[r0:r1]
-            g = gext.reshape(R, m, L)
+            # dy flat at width Wq after D zeros; junk columns and borders never written (zero)
+            gbuf = self._buf("gbuf", m * G, R, xp, dtype, zero=True).reshape(R, m, G)
+            gbuf[:, :, D:D + L].reshape(R, m, OH, Wq)[..., :OW] = g4[r0:r1]
+            src = None
             if drow is not None:
-                src = self._to_phases(x3, r0, r1, xp)[:, None, None]          # (R, 1, 1, S)
-                gcol = g[..., None]                                           # (R, m, L, 1)
-                for k, s0 in enumerate(self.starts):
-                    dots = xp.matmul(src[..., s0:s0 + L], gcol)               # (R, m, 1, 1)
-                    drow[r0:r1, :, k] = dots.reshape(R, m)
-            if dx3 is not None:
-                # Caffe's col = W^T dy (for m == 1 plain products; else a GEMM with
-                # K = m, as Caffe's), then col2im: offsets added in raster order
-                dpad = self._buf("dphase", self.S, R, xp, dtype)
-                dpad.fill(0)
-                wb = wr[r0:r1]
-                if m == 1:
-                    tmp = self._buf("tmp", L, R, xp, dtype)
-                else:
-                    col = self._buf("col", kk * L, R, xp, dtype).reshape(R, kk, L)
-                    xp.matmul(wb.transpose(0, 2, 1), g, out=col)
-                for k, s0 in enumerate(self.starts):
-                    view = dpad[:, s0:s0 + L]
-                    if m == 1:
-                        view += xp.multiply(g[:, 0], wb[:, 0, k, None], out=tmp)
-                    else:
-                        view += col[:, k]
-                grid = dpad.reshape(R, sh, sw, self.Hq, Wq)
-                dxb = dx3[r0:r1]
-                for p, q, pr, pc, xr, xc in self.phases:
-                    dxb[:, xr, xc] = grid[:, p, q, pr, pc]
+                src = self._to_phases(x3, r0, r1, xp).reshape(R, -1, HW)     # (R, phases, Hq*Wq)
+            dxb = None if dx3 is None else dx3[r0:r1]
+            for P, ks, wk, pr, pc, xr, xc in plan:
+                if not ks:
+                    if dxb is not None:
+                        dxb[:, xr, xc] = 0
+                    continue
+                n = len(ks)
+                nrow = pr.stop - pr.start
+                Lx = nrow * Wq
+                t0 = D + pr.start * Wq
+                # the dy windows that land on the phase's pixel rows:
+                # dcol[j, i][u, v] = dy_j[u - sa_k, v - se_k] (k = ks[i]; zero outside)
+                dcol = self._buf("dcol", self._dcol_len, R, xp, dtype)[:, :m * n * Lx].reshape(R, m, n, Lx)
+                for i, k in enumerate(ks):
+                    s0 = t0 - self.shifts[k]
+                    dcol[:, :, i] = gbuf[:, :, s0:s0 + Lx]
+                dcol = dcol.reshape(R, m * n, Lx)
+                if drow is not None:
+                    # dW[j, k] = sum over the phase of x . dy shifted (padding cells of x are 0)
+                    xrows = src[:, P, pr.start * Wq:pr.stop * Wq, None]           # (R, Lx, 1)
+                    dots = self._buf("dots", kk * m, R, xp, dtype)[:, :m * n].reshape(R, m * n, 1)
+                    xp.matmul(dcol, xrows, out=dots)
+                    drow[r0:r1, :, ks] = dots.reshape(R, m, n)
+                if dxb is not None:
+                    # dphase_P = sum_{j, k in P} W[j, k] * dcol[j, k]: one batched GEMV
+                    res = self._buf("dres", self._dres_len, R, xp, dtype)[:, :Lx].reshape(R, 1, Lx)
+                    xp.matmul(wk[r0:r1], dcol, out=res)
+                    dxb[:, xr, xc] = res.reshape(R, nrow, Wq)[:, :, pc]
         if drow is not None:
             part = drow.reshape(N, C * m * kk)
             dw += (part[0] if N == 1 else part.sum(axis=0)).reshape(dw.shape)
