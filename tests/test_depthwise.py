@@ -174,6 +174,19 @@ def test_channel_multiplier_matches_naive_and_general(case):
     close(pd[0], gpd[0])
 
 
+def assert_matches_naive(lay, bottom, top, dy_shape, stride, pad, dilation):
+    """Forward, bottom, weight and bias gradients of ``lay`` equal the naive loop's."""
+    params = [blob.data.copy() for blob in lay.blobs]
+    x = bottom[0].data.copy()
+    dy = RNG.standard_normal(dy_shape).astype(np.float32)
+    y, dx, pd = run(lay, bottom, top, dy)
+    ry, rdx, rdW, rdb = naive(x, params[0], params[1], stride, pad, dilation, dy)
+    close(y, ry)
+    close(dx, rdx)
+    close(pd[0], rdW)
+    close(pd[1], rdb)
+
+
 def test_rectangular_kernel_stride_pad_and_blocks(monkeypatch):
     # kernel_h/w, stride_h/w, pad_h/w; tiny blocks so the rows go in many blocks
     monkeypatch.setattr(depthwise.DepthwiseEngine, "block_elements", 64)
@@ -184,15 +197,7 @@ def test_rectangular_kernel_stride_pad_and_blocks(monkeypatch):
     shape = (3, 5, 8, 6)
     lay, bottom, top = make(text, shape)
     assert len(lay._dw.blocks) > 3 and len(lay._dw.backward_blocks) > 3
-    params = [blob.data.copy() for blob in lay.blobs]
-    x = bottom[0].data.copy()
-    dy = RNG.standard_normal((3, 5, 4, 5)).astype(np.float32)
-    y, dx, pd = run(lay, bottom, top, dy)
-    ry, rdx, rdW, rdb = naive(x, params[0], params[1], (2, 1), (1, 0), (1, 1), dy)
-    close(y, ry)
-    close(dx, rdx)
-    close(pd[0], rdW)
-    close(pd[1], rdb)
+    assert_matches_naive(lay, bottom, top, (3, 5, 4, 5), (2, 1), (1, 0), (1, 1))
 
 
 def test_backward_accumulates_params_and_honours_propagate_flags():
@@ -350,15 +355,7 @@ def test_type_names_are_convolution_with_group_channels(type_, extra):
     assert lay.group == 4 and lay.num_output == 4 and lay._dw is not None
     assert tuple(lay.blobs[0].shape) == (4, 1, 3, 3) and tuple(lay.blobs[1].shape) == (4,)
     assert not lay.layer_param.convolution_param.HasField("group") or "group" in extra
-    params = [blob.data.copy() for blob in lay.blobs]
-    x = bottom[0].data.copy()
-    dy = RNG.standard_normal((2, 4, 4, 3)).astype(np.float32)
-    y, dx, pd = run(lay, bottom, top, dy)
-    ry, rdx, rdW, rdb = naive(x, params[0], params[1], (2, 2), (1, 1), (1, 1), dy)
-    close(y, ry)
-    close(dx, rdx)
-    close(pd[0], rdW)
-    close(pd[1], rdb)
+    assert_matches_naive(lay, bottom, top, (2, 4, 4, 3), (2, 2), (1, 1), (1, 1))
 
 
 def test_type_name_multiplier_and_errors():
