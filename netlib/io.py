@@ -74,14 +74,10 @@ def array_to_datum(arr, label=None):
     ValueError('Incorrect array shape.') for any other rank."""
     if arr.ndim != 3:
         raise ValueError('Incorrect array shape.')
-    datum = caffe_pb2.Datum()
-    datum.channels, datum.height, datum.width = arr.shape
-    if arr.dtype == np.uint8:
-        datum.data = np.ascontiguousarray(arr).tobytes()
-    else:
-        datum.float_data.extend(arr.astype(float).flat)
+    from .data.datum import array_to_datum as _array_to_datum
+    datum = _array_to_datum(arr)
     if label is not None:
-        datum.label = label
+        datum.label = label          # as given (protobuf checks it), as pycaffe does
     return datum
 
 

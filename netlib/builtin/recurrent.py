@@ -123,9 +123,6 @@ class _RecurrentLayer(Layer):
             fill(blob, filler)
             self.blobs.append(blob)
 
-    def _extra_param_specs(self, wf, bf):
-        raise NotImplementedError
-
     def _check_shapes(self, bottom):
         x, cont = bottom[0], bottom[1]
         if x.ndim < 3:
