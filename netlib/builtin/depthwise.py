@@ -227,7 +227,7 @@ class DepthwiseEngine:
             for k, s0 in enumerate(self.starts):                            # contiguous copies
                 col[:, k] = src[:, s0:s0 + L]
             acc = self._buf("acc", m * L, R, xp, y.dtype).reshape(R, m, L)
-            xp.matmul(wr[r0:r1], col, out=acc)                               # Caffe's GEMM, K = kh*kw
+            _matmul(xp, wr[r0:r1], col, acc)                                 # Caffe's GEMM, K = kh*kw
             res = acc.reshape(R, m, OH, Wq)[..., :OW]
             if br is None:
                 y4[r0:r1] = res
@@ -304,11 +304,21 @@ class DepthwiseEngine:
                 if dxb is not None:
                     # dphase_P = sum_{j, k in P} W[j, k] * dcol[j, k]: one batched GEMV
                     res = self._buf("dres", self._dres_len, R, xp, dtype)[:, :Lx].reshape(R, 1, Lx)
-                    xp.matmul(wk[r0:r1], dcol, out=res)
+                    _matmul(xp, wk[r0:r1], dcol, res)
                     dxb[:, xr, xc] = res.reshape(R, nrow, Wq)[:, :, pc]
         if drow is not None:
             part = drow.reshape(N, C * m * kk)
             dw += (part[0] if N == 1 else part.sum(axis=0)).reshape(dw.shape)
+
+
+def _matmul(xp, a, b, out):
+    """``out = a @ b`` for stacks of matrices; with an inner dimension of 1
+    (a phase holding a single kernel offset) as a broadcast product, which
+    numpy computes about 7x faster than its matmul does for K = 1."""
+    if a.shape[-1] == 1:
+        xp.multiply(a, b, out=out)
+    else:
+        xp.matmul(a, b, out=out)
 
 
 def _module_of(arr):
