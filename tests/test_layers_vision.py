@@ -16,7 +16,7 @@ from netlib.blob import Blob
 from netlib.errors import ConfigError, LayerError, ShapeError
 from netlib.im2col import col2im, conv_out_size, im2col
 from netlib.layer import create_layer
-from netlib.builtin import vision
+from netlib.builtin import pooling, vision
 from netlib.proto import caffe_pb2
 from netlib.testing import check_gradient
 
@@ -511,7 +511,7 @@ def test_pooling_in_batch_chunks(case, monkeypatch):
     # 5 images in chunks of 2, 2, 1: the kernel-offset loops run per chunk
     _, shape, params, method, kh, kw, sh, sw, ph, pw, ceil_mode = case
     shape = (5,) + shape[1:]
-    monkeypatch.setattr(vision.PoolingLayer, "chunk_bytes", 2 * 4 * int(np.prod(shape[1:])))
+    monkeypatch.setattr(pooling.PoolingLayer, "chunk_bytes", 2 * 4 * int(np.prod(shape[1:])))
     x = f32(shape)
     for phase in ("TEST", "TRAIN"):
         lay, bottom, top = setup('type: "Pooling" pooling_param { %s }' % params, [x], phase=phase)

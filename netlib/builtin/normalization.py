@@ -67,7 +67,7 @@ Im2col (``convolution_param``: kernel/stride/pad/dilation, axis)
 from ..errors import ConfigError, ShapeError
 from ..im2col import col2im, geometry, im2col
 from ..layer import Layer, register_layer
-from .vision import PoolingLayer
+from .pooling import PoolingLayer
 
 
 def _prod(values):
