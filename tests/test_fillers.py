@@ -87,3 +87,35 @@ def test_seed_makes_fills_reproducible():
     netlib.set_random_seed(7)
     fill(blob_b, filler("type: 'gaussian'"))
     numpy.testing.assert_array_equal(blob_a.data, blob_b.data)
+
+
+@pytest.mark.parametrize("kind", ["constant", "uniform", "gaussian", "xavier", "msra", "positive_unitball"])
+def test_blob_filled_in_place_in_its_dtype(kind):
+    """fill draws straight into the blob's buffer: no new array, no float64
+    temporary (the draw has the blob's dtype), and the distribution holds."""
+    netlib.set_random_seed(3)
+    for dtype in (numpy.float32, numpy.float64):
+        blob = Blob((64, 32, 3, 3), dtype=dtype)
+        buf = blob.data
+        fill(blob, filler("type: '%s' value: 0.5 min: -1 max: 1 std: 0.1" % kind))
+        assert blob.data.base is buf.base and blob.data.dtype == dtype
+        values = blob.data
+        if kind == "constant":
+            assert (values == 0.5).all()
+        elif kind == "uniform":
+            assert values.min() >= -1 and values.max() <= 1 and abs(values.mean()) < 0.02
+        elif kind == "gaussian":
+            assert abs(values.std() - 0.1) < 0.005
+        elif kind == "xavier":
+            scale = math.sqrt(3.0 / (32 * 9))
+            assert values.min() >= -scale and values.max() <= scale
+        elif kind == "msra":
+            assert abs(values.std() - math.sqrt(2.0 / (32 * 9))) < 0.005
+        else:
+            numpy.testing.assert_allclose(values.reshape(64, -1).sum(axis=1), 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["constant", "uniform", "gaussian", "xavier", "msra",
+                                  "positive_unitball", "bilinear"])
+def test_empty_blob(kind):
+    assert fill_array((0, 3, 2, 2), filler("type: '%s'" % kind)).shape == (0, 3, 2, 2)
