@@ -213,3 +213,63 @@ def col2im(col, spatial, kernel, pad=0, stride=1, dilation=1, out=None, accumula
             view = out[_ALL2 + src]
             view += col[_ALL2 + dst]
     return out
+
+
+# ---------------------------------------------------------------------------
+# batch-last ("CHWN") columns, used by the Convolution layers
+# ---------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1024)
+def padded_extent(in_shape, out_shape, kernel, pad, stride, dilation):
+    """Per axis, the length of a zero-bordered copy of the input that every
+    read of the convolution lands in: ``max(pad + size, (out-1)*stride +
+    (kernel-1)*dilation + 1)``.  The input sits at ``[pad, pad+size)``.  The
+    second term exceeds the first under Caffe's truncation quirk (a window
+    overhanging the padded input reads zeros)."""
+    return tuple(max(q + s, (o - 1) * st + (k - 1) * d + 1)
+                 for s, o, k, q, st, d in zip(in_shape, out_shape, kernel, pad, stride, dilation))
+
+
+@functools.lru_cache(maxsize=1024)
+def _bl_plan(out_shape, kernel, stride, dilation):
+    """Per kernel offset (raster order): (col index, padded-image slices)."""
+    plan = []
+    for offs in itertools.product(*[range(k) for k in kernel]):
+        src = tuple(slice(i * d, i * d + (o - 1) * s + 1, s)
+                    for i, o, s, d in zip(offs, out_shape, stride, dilation))
+        plan.append((offs, src))
+    return tuple(plan)
+
+
+def im2col_batch_last(xpad, kernel, stride, dilation, out_shape, out):
+    """Columns of a zero-bordered, batch-last image.
+
+    ``xpad``: ``(C, *padded, B)`` (the input at ``[pad, pad+size)`` on each
+    spatial axis, zeros around it, see :func:`padded_extent`).  ``out``:
+    ``(C, *kernel, *out_shape, B)``, every element written.  ``out.reshape(C *
+    prod(kernel), prod(out_shape) * B)`` is Caffe's column buffer for all B
+    images at once (rows channel-major then kernel offsets in raster order;
+    columns position-major, image fastest).  With the batch innermost each
+    kernel offset is one copy whose contiguous runs are ``out_w * B`` long
+    (stride 1) or ``B`` long, instead of the ``out_w`` of an NCHW im2col.
+    """
+    lead = (slice(None),)
+    for offs, src in _bl_plan(tuple(out_shape), tuple(kernel), tuple(stride), tuple(dilation)):
+        out[lead + offs] = xpad[lead + src]
+    return out
+
+
+def col2im_batch_last(col, kernel, stride, dilation, out):
+    """Adjoint of :func:`im2col_batch_last`: ``out`` ``(C, *padded, B)`` is
+    overwritten with the sum of the columns ``col`` ``(C, *kernel, *out, B)``,
+    kernel offsets added in raster order (Caffe's ``col2im_cpu`` order, so
+    each pixel gets the same float additions in the same order).  The border
+    of ``out`` (the padding) receives the gradient of the zeros; callers crop
+    it."""
+    nk = len(kernel)
+    out_shape = tuple(col.shape[1 + nk:1 + 2 * nk])
+    out[...] = 0
+    lead = (slice(None),)
+    for offs, src in _bl_plan(out_shape, tuple(kernel), tuple(stride), tuple(dilation)):
+        view = out[lead + src]
+        view += col[lead + offs]
+    return out

@@ -19,11 +19,22 @@ Convolution / Deconvolution (``convolution_param``)
     backward-data and its backward-data is the convolution's forward, as in
     Caffe (``reverse_dimensions``).
 
-    Implementation: im2col over a chunk of the batch (columns laid out
-    ``(C*prod(k), images, positions)`` so each group is ONE matmul over the
-    whole chunk), chunk size chosen so the column buffer stays near
-    ``col_buffer_bytes``.  A 1x1, stride-1, pad-0 convolution is a plain
-    batched matmul with no im2col (Caffe's ``is_1x1_``).  Backward: bias and
+    Implementation: im2col over a chunk of the batch into ONE column matrix
+    ``(C*prod(k), positions x images)`` per group, so each group is one matmul
+    over the whole chunk; chunk size chosen so the column buffer stays near
+    ``col_buffer_bytes``.  Two memory layouts of the chunk buffers, chosen per
+    shape by a cost model (``batch_last_layout`` forces one; same numbers):
+    *batch last* -- the chunk is transposed once into a zero-bordered
+    ``(C, *padded, images)`` buffer, and each kernel offset's im2col copy /
+    col2im add then has contiguous runs ``out_w * images`` long (small maps,
+    many images: LeNet, CIFAR); *batch first* -- Caffe's NCHW im2col straight
+    from the image with runs of ``out_w`` (large maps, strided kernels, one
+    image per chunk: VGG, ResNet).  The bias is added while the GEMM result is
+    copied into the top; the backward shares one copy of the top diff per
+    chunk between the weight-gradient GEMM and the bottom-diff GEMM.  A 1x1,
+    stride-1, pad-0 convolution is a plain batched matmul with no im2col
+    (Caffe's ``is_1x1_``).  col2im adds the kernel offsets in Caffe's order,
+    so the bottom diff gets Caffe's additions per pixel.  Backward: bias and
     weight gradients accumulate (``+=``) into the param diffs, bottom diffs are
     overwritten; ``param_propagate_down`` and ``propagate_down`` are honoured.
     A 2-D Convolution with ``group == channels`` (depthwise, channel
@@ -35,7 +46,8 @@ Convolution / Deconvolution (``convolution_param``)
 """
 from ..errors import ConfigError, ShapeError
 from ..fillers import fill, filler_param
-from ..im2col import col2im, conv_out_size, deconv_out_size, im2col
+from ..im2col import (col2im, col2im_batch_last, conv_out_size, deconv_out_size, im2col,
+                      im2col_batch_last, padded_extent)
 from ..layer import Layer, register_layer
 
 
@@ -65,6 +77,9 @@ class _BaseConvolutionLayer(Layer):
     #: Target size of the reusable column buffer; the batch is processed in
     #: chunks of images whose columns fit (at least one image per chunk).
     col_buffer_bytes = 8 << 20
+    #: Memory layout of the chunk buffers (see ``_img_buffer``): None chooses per
+    #: shape, True / False force batch-last / batch-first (same numbers).
+    batch_last_layout = None
 
     # -- setup ----------------------------------------------------------------
     def _spatial_values(self, p, name, hw, default, bottom):
@@ -205,88 +220,233 @@ class _BaseConvolutionLayer(Layer):
         self.ocg = self.col_c // self.group                       # weight rows per group
         per_image = self.img_c * _prod(self.kernel) * self.col_p * b0.dtype.itemsize
         self.chunk = max(1, min(max(self.num, 1), self.col_buffer_bytes // max(per_image, 1)))
+        self._plan_layout()
 
     # -- buffers --------------------------------------------------------------
     def _flat(self, attr, size, xp, dtype):
-        buf = getattr(self, attr)
+        buf = getattr(self, attr, None)
         if buf is None or buf.size < size or buf.dtype != dtype or not isinstance(buf, xp.ndarray):
             buf = xp.empty(max(size, 1), dtype=dtype)
             setattr(self, attr, buf)
         return buf[:size]
 
+    def _plan_layout(self):
+        """Reshape-time geometry of the batch-last engine: the padded image
+        extent, where the image sits in it, and the border strips to zero."""
+        nsp = len(self.img_sp)
+        self.pad_sp = padded_extent(self.img_sp, self.col_sp, self.kernel, self.pad,
+                                    self.stride, self.dilation)
+        self.interior = (slice(None),) + tuple(slice(q, q + s) for q, s in zip(self.pad, self.img_sp))
+        self.borders = []
+        for a in range(nsp):
+            lo, hi = self.pad[a], self.pad[a] + self.img_sp[a]
+            for strip in (slice(0, lo), slice(hi, self.pad_sp[a])):
+                if strip.stop > strip.start:
+                    self.borders.append((slice(None),) * (a + 1) + (strip,))
+        self.unpadded = self.pad_sp == self.img_sp
+        self.to_batch_last = tuple(range(1, nsp + 2)) + (0,)          # (nb, C, *sp) -> (C, *sp, nb)
+        self.from_batch_last = (nsp + 1,) + tuple(range(nsp + 1))     # (C, *sp, nb) -> (nb, C, *sp)
+        nc = 1 + len(self.kernel) + len(self.col_sp)                  # (C, *k, *pos, nb) -> (nb, C, *k, *pos)
+        self.nchw_cols = (nc,) + tuple(range(nc))
+        layout = self.batch_last_layout
+        if layout is None:
+            layout = not self.is_1x1 and self._batch_last_pays()
+        self.batch_last = bool(layout)
+
+    # Layout of the chunk buffers.  Logically the image buffer is (C, *padded, nb),
+    # the columns (C, *k, *pos, nb) and the column-side matrix (col_c, P, nb); in
+    # memory the image axis nb is either last ("batch last": each kernel offset's
+    # copy has contiguous runs of out_w*nb, good for small maps and many images)
+    # or before the spatial axes ("batch first", NCHW-like runs of out_w, good for
+    # large maps, strided kernels, few images per chunk).  The GEMMs see the same
+    # (G, rows, columns) matrices either way, only the column order differs.
+    def _batch_last_pays(self):
+        """Cost model of the layout choice (calibrated with numpy on x86): a
+        strided copy costs ~10 ns per innermost run (im2col, and col2im, run
+        ~3 times per training step), a transposing copy ~1.5 ns per element
+        (the image and column sides enter and leave batch last, ~2 times)."""
+        nb = self.chunk
+        if nb <= 1 or not self.col_sp:
+            return False
+        rows = self.img_c * _prod(self.kernel) * _prod(self.col_sp[:-1])
+        ow = self.col_sp[-1]
+        if self.stride[-1] == 1:       # runs: out_w*nb batch last, out_w batch first
+            runs_saved = rows * (nb - 1)
+        else:                          # runs: nb (one per position) vs out_w
+            runs_saved = rows * (nb - ow)
+        transposed = nb * (self.img_c * _prod(self.img_sp) + self.col_c * self.col_p)
+        return runs_saved * 8 > transposed
+
+    def _img_buffer(self, nb, xp, dtype):
+        """The reusable image buffer, as a (C, *padded, nb) view (contents undefined)."""
+        nsp = len(self.pad_sp)
+        if self.batch_last:
+            shape = (self.img_c,) + self.pad_sp + (nb,)
+            return self._flat("_img_flat", _prod(shape), xp, dtype).reshape(shape)
+        shape = (nb, self.img_c) + self.pad_sp
+        return self._flat("_img_flat", _prod(shape), xp, dtype).reshape(shape).transpose(
+            self.to_batch_last[:nsp + 2])
+
     def _col_buffers(self, nb, xp, dtype):
-        """(im2col view (nb, C, *k, *pos), matrix view (G, Kg, nb*P)) of one buffer
-        laid out (C, *k, nb, *pos)."""
-        nk = len(self.kernel)
-        size = self.img_c * _prod(self.kernel) * nb * self.col_p
-        flat = self._flat("_col_flat", size, xp, dtype)
-        full = flat.reshape((self.img_c,) + self.kernel + (nb,) + self.col_sp)
-        perm = (nk + 1, 0) + tuple(range(1, nk + 1)) + tuple(range(nk + 2, nk + 2 + len(self.col_sp)))
-        return full.transpose(perm), flat.reshape(self.group, self.kg, nb * self.col_p)
+        """(im2col view (C, *k, *pos, nb), matrix view (G, Kg, P*nb)) of one buffer."""
+        nk, nsp = len(self.kernel), len(self.col_sp)
+        if self.batch_last:
+            shape = (self.img_c,) + self.kernel + self.col_sp + (nb,)
+            perm = tuple(range(len(shape)))
+        else:
+            shape = (self.img_c,) + self.kernel + (nb,) + self.col_sp
+            perm = tuple(range(nk + 1)) + tuple(range(nk + 2, nk + 2 + nsp)) + (nk + 1,)
+        flat = self._flat("_col_flat", _prod(shape), xp, dtype)
+        return flat.reshape(shape).transpose(perm), flat.reshape(self.group, self.kg, self.col_p * nb)
 
     def _mat_buffer(self, nb, xp, dtype):
-        """A (G, Ocg, nb*P) buffer for column-side values of one chunk."""
+        """(matrix view (G, Ocg, P*nb), logical view (col_c, P, nb)) of the
+        reusable column-side buffer of one chunk."""
         size = self.col_c * nb * self.col_p
-        return self._flat("_mat_flat", size, xp, dtype).reshape(self.group, self.ocg, nb * self.col_p)
+        flat = self._flat("_mat_flat", size, xp, dtype)
+        if self.batch_last:
+            logical = flat.reshape(self.col_c, self.col_p, nb)
+        else:
+            logical = flat.reshape(self.col_c, nb, self.col_p).transpose(0, 2, 1)
+        return flat.reshape(self.group, self.ocg, self.col_p * nb), logical
 
     def _weights(self):
         return self.blobs[0].data.reshape(self.group, self.ocg, self.kg)
 
-    def _im2col(self, img, nb, xp):
+    # -- chunk loads and stores ---------------------------------------------------
+    def _load_cols(self, img, b0, nb):
+        """Columns (G, Kg, P*nb) of images ``b0:b0+nb`` of ``img`` (n, C, *sp):
+        one (transposing) copy into the zero-bordered image buffer unless the
+        image can be read in place, then one slice copy per kernel offset (none
+        for a 1x1 stride-1 pad-0 kernel read in place or batch last)."""
+        xp = self.xp
+        chunk = img[b0:b0 + nb]
+        if not self.batch_last and not (self.is_1x1 and nb == 1):
+            # batch first: Caffe-layout im2col straight from the image (border
+            # strips zeroed, no padded copy)
+            colv, colm = self._col_buffers(nb, xp, img.dtype)
+            im2col(chunk, self.kernel, self.pad, self.stride, self.dilation,
+                   out_shape=self.col_sp, out=colv.transpose(self.nchw_cols))
+            return colm
+        if self.unpadded and (nb == 1 or not self.batch_last):
+            xpad = chunk.transpose(self.to_batch_last)             # a view, no copy
+        else:
+            xpad = self._img_buffer(nb, xp, img.dtype)
+            for strip in self.borders:
+                xpad[strip] = 0
+            xpad[self.interior] = chunk.transpose(self.to_batch_last)
+        if self.is_1x1 and (nb == 1 or self.batch_last):
+            return xpad.reshape(self.group, self.kg, self.col_p * nb)
         colv, colm = self._col_buffers(nb, xp, img.dtype)
-        im2col(img, self.kernel, self.pad, self.stride, self.dilation, out_shape=self.col_sp, out=colv)
+        im2col_batch_last(xpad, self.kernel, self.stride, self.dilation, self.col_sp, colv)
         return colm
 
-    # -- the three GEMM passes --------------------------------------------------
-    def _im2col_pass(self, img, out=None, src=None, dW=None):
-        """For each chunk: cols = im2col(img); ``out = W @ cols`` (column side,
-        (n, col_c, P), overwritten) and/or ``dW += src @ cols^T`` (src column
-        side (n, col_c, P))."""
-        xp = self.xp
-        n, G, ocg, P = self.num, self.group, self.ocg, self.col_p
-        W = self._weights()
-        if dW is None and self.is_1x1:
-            xp.matmul(W, img.reshape(n, G, self.kg, P), out=out.reshape(n, G, ocg, P))
-            return
-        for b0 in range(0, n, self.chunk):
-            nb = min(self.chunk, n - b0)
-            cols = self._im2col(img[b0:b0 + nb], nb, xp)
-            if dW is not None:
-                if nb == 1:
-                    s2 = src[b0].reshape(G, ocg, P)
-                else:
-                    s2 = self._mat_buffer(nb, xp, cols.dtype)
-                    s2.reshape(G, ocg, nb, P)[...] = src[b0:b0 + nb].reshape(nb, G, ocg, P).transpose(1, 2, 0, 3)
-                dW += xp.matmul(s2, cols.transpose(0, 2, 1))
-            if out is not None:
-                dst = out[b0:b0 + nb].reshape(nb, G, ocg, P)
-                if nb == 1:
-                    xp.matmul(W, cols, out=dst.reshape(G, ocg, P))
-                else:
-                    y2 = self._mat_buffer(nb, xp, cols.dtype)
-                    xp.matmul(W, cols, out=y2)
-                    dst[...] = y2.reshape(G, ocg, nb, P).transpose(2, 0, 1, 3)
+    def _load_col_side(self, src, b0, nb):
+        """Column-side values ``src[b0:b0+nb]`` (n, col_c, P) as (G, Ocg, P*nb)."""
+        G, ocg, P = self.group, self.ocg, self.col_p
+        if nb == 1:
+            return src[b0].reshape(G, ocg, P)
+        m, logical = self._mat_buffer(nb, self.xp, src.dtype)
+        logical[...] = src[b0:b0 + nb].transpose(1, 2, 0)
+        return m
 
-    def _col2im_pass(self, src, img):
-        """``img = col2im(W^T @ src)``: src column side (n, col_c, P), img
-        (n, img_c, *img_sp) overwritten."""
+    def _store_col_side(self, cols, out, b0, nb, bias):
+        """``out[b0:b0+nb] = W @ cols (+ bias)``; out (n, col_c, P)."""
+        xp = self.xp
+        G, ocg, P = self.group, self.ocg, self.col_p
+        W = self._weights()
+        if nb == 1:
+            dst = out[b0]
+            xp.matmul(W, cols, out=dst.reshape(G, ocg, P))
+            if bias is not None:
+                dst += bias.reshape(self.col_c, 1)
+            return
+        y2, logical = self._mat_buffer(nb, xp, cols.dtype)
+        xp.matmul(W, cols, out=y2)
+        yv = logical.transpose(2, 0, 1)
+        if bias is None:
+            out[b0:b0 + nb] = yv
+        else:
+            xp.add(yv, bias.reshape(1, self.col_c, 1), out=out[b0:b0 + nb])
+
+    def _accumulate_dW(self, cols, s2, dW):
+        """``dW += s2 @ cols^T`` (Caffe's weight-gradient GEMM, summed over the
+        chunk's images at once).  With fewer weight rows than columns rows
+        (Ocg < Kg, the usual case) it is computed as ``(cols @ s2^T)^T``, the
+        orientation OpenBLAS runs faster there; otherwise directly."""
+        xp = self.xp
+        G, ocg, kg = self.group, self.ocg, self.kg
+        t = self._flat("_dw_flat", G * kg * ocg, xp, cols.dtype)
+        if ocg < kg:
+            t = t.reshape(G, kg, ocg)
+            xp.matmul(cols, s2.transpose(0, 2, 1), out=t)
+            dW += t.transpose(0, 2, 1)
+        else:
+            t = t.reshape(G, ocg, kg)
+            xp.matmul(s2, cols.transpose(0, 2, 1), out=t)
+            dW += t
+
+    def _store_img(self, s2, img, b0, nb):
+        """``img[b0:b0+nb] = col2im(W^T @ s2)`` (img (n, C, *sp), overwritten)."""
+        xp = self.xp
+        WT = self._weights().transpose(0, 2, 1)
+        colv, colm = self._col_buffers(nb, xp, s2.dtype)
+        xp.matmul(WT, s2, out=colm)
+        if not self.batch_last:
+            col2im(colv.transpose(self.nchw_cols), self.img_sp, self.kernel, self.pad, self.stride,
+                   self.dilation, out=img[b0:b0 + nb])
+            return
+        if self.unpadded and nb == 1:
+            col2im_batch_last(colv, self.kernel, self.stride, self.dilation,
+                              img[b0:b0 + nb].transpose(self.to_batch_last))
+            return
+        dpad = self._img_buffer(nb, xp, s2.dtype)
+        col2im_batch_last(colv, self.kernel, self.stride, self.dilation, dpad)
+        img[b0:b0 + nb] = dpad[self.interior].transpose(self.from_batch_last)
+
+    # -- the passes -------------------------------------------------------------
+    def _chunks(self):
+        for b0 in range(0, self.num, self.chunk):
+            yield b0, min(self.chunk, self.num - b0)
+
+    def _im2col_pass(self, img, out=None, src=None, dW=None, bias=None):
+        """For each chunk: cols = im2col(img); ``dW += src @ cols^T`` (src column
+        side (n, col_c, P)) and/or ``out = W @ cols (+ bias)`` (column side,
+        (n, col_c, P), overwritten)."""
         xp = self.xp
         n, G, ocg, P = self.num, self.group, self.ocg, self.col_p
-        WT = self._weights().transpose(0, 2, 1)
-        if self.is_1x1:
-            xp.matmul(WT, src.reshape(n, G, ocg, P), out=img.reshape(n, G, self.kg, P))
+        if dW is None and self.is_1x1:
+            W = self._weights()
+            xp.matmul(W, img.reshape(n, G, self.kg, P), out=out.reshape(n, G, ocg, P))
+            if bias is not None:
+                out += bias.reshape(1, self.col_c, 1)
             return
-        for b0 in range(0, n, self.chunk):
-            nb = min(self.chunk, n - b0)
-            colv, colm = self._col_buffers(nb, xp, src.dtype)
-            if nb == 1:
-                s2 = src[b0].reshape(G, ocg, P)
-            else:
-                s2 = self._mat_buffer(nb, xp, src.dtype)
-                s2.reshape(G, ocg, nb, P)[...] = src[b0:b0 + nb].reshape(nb, G, ocg, P).transpose(1, 2, 0, 3)
-            xp.matmul(WT, s2, out=colm)
-            col2im(colv, self.img_sp, self.kernel, self.pad, self.stride, self.dilation,
-                   out=img[b0:b0 + nb])
+        for b0, nb in self._chunks():
+            cols = self._load_cols(img, b0, nb)
+            if dW is not None:
+                self._accumulate_dW(cols, self._load_col_side(src, b0, nb), dW)
+            if out is not None:
+                self._store_col_side(cols, out, b0, nb, bias)
+
+    def _col2im_pass(self, src, img, dW=None, x=None):
+        """``img = col2im(W^T @ src)``: src column side (n, col_c, P), img
+        (n, img_c, *img_sp) overwritten (``img=None``: skipped).  With ``dW``
+        also ``dW += src @ im2col(x)^T`` sharing the chunk's copy of src
+        (Convolution's backward)."""
+        xp = self.xp
+        n, G, ocg, P = self.num, self.group, self.ocg, self.col_p
+        if img is not None and self.is_1x1:       # Caffe's is_1x1_: a plain batched matmul
+            WT = self._weights().transpose(0, 2, 1)
+            xp.matmul(WT, src.reshape(n, G, ocg, P), out=img.reshape(n, G, self.kg, P))
+            img = None
+        if img is None and dW is None:
+            return
+        for b0, nb in self._chunks():
+            s2 = self._load_col_side(src, b0, nb)
+            if dW is not None:
+                self._accumulate_dW(self._load_cols(x, b0, nb), s2, dW)
+            if img is not None:
+                self._store_img(s2, img, b0, nb)
 
     def _img_view(self, arr):
         return arr.reshape((self.num, self.img_c) + self.img_sp)
@@ -347,9 +507,9 @@ class ConvolutionLayer(_BaseConvolutionLayer):
                 self._dw.forward(self._dw_view(b.data, self.channels, self.in_sp), w, bias,
                                  self._dw_view(t.data, self.num_output, self.out_sp))
             return
+        bias = self.blobs[1].data if self.bias_term else None
         for b, t in zip(bottom, top):
-            self._im2col_pass(self._img_view(b.data), out=self._col_view(t.data))
-            self._add_bias(t.data)
+            self._im2col_pass(self._img_view(b.data), out=self._col_view(t.data), bias=bias)
 
     def _backward_depthwise(self, top, propagate_down, bottom):
         w = self.blobs[0].data
@@ -370,12 +530,11 @@ class ConvolutionLayer(_BaseConvolutionLayer):
         for i, (t, b) in enumerate(zip(top, bottom)):
             gy = t.diff
             self._bias_grad(gy)
-            if need_w:
-                if dW is None:
-                    dW = self.blobs[0].diff.reshape(self.group, self.ocg, self.kg)
-                self._im2col_pass(self._img_view(b.data), src=self._col_view(gy), dW=dW)
-            if propagate_down[i]:
-                self._col2im_pass(self._col_view(gy), self._img_view(b.diff))
+            if need_w and dW is None:
+                dW = self.blobs[0].diff.reshape(self.group, self.ocg, self.kg)
+            self._col2im_pass(self._col_view(gy),
+                              self._img_view(b.diff) if propagate_down[i] else None,
+                              dW=dW if need_w else None, x=self._img_view(b.data))
 
 
 @register_layer("Deconvolution")
