@@ -24,11 +24,36 @@ Pooling (``pooling_param``)
     * global_pooling: kernel = (H, W); needs pad 0 and stride 1.
 
     Forward runs over kernel offsets only (running ``fmax`` / running sums on
-    strided views of the whole batch).  When a backward may follow (TRAIN
-    phase, or a mask top) MAX tracks the running argmax (kernel offset, strict
-    ``>``); otherwise it is recomputed from the bottom if backward is called.
-    Backward adds per kernel offset in the order that reproduces Caffe's
-    accumulation order exactly.
+    strided views).  When a backward may follow (TRAIN phase, or a mask top)
+    MAX tracks the running argmax (kernel offset + 1 in the smallest unsigned
+    type, updated arithmetically: ``idx = max(idx, (x > y) * (k + 1))``, as
+    offsets only grow); otherwise it is recomputed from the bottom if backward
+    is called.  Backward adds per kernel offset in reverse, so that every
+    bottom pixel sums its windows in Caffe's (ph, pw) raster order.  Every
+    path below does Caffe's float operations in Caffe's order, so the numbers
+    are Caffe's bit for bit (tests/test_pooling_paths.py checks each path
+    against Caffe's per-window loops, with ties, -inf/NaN and padding):
+
+    * channels-last (numpy, when some kernel offset covers only part of the
+      top -- padding or ceil overhang -- and planes of up to ``cl_max_plane``
+      pixels): chunks of ``(n, c)`` planes are transposed (blocked copies) to
+      ``(H, W, rows)``, so each kernel-offset view has a long contiguous inner
+      axis.  On NCHW views numpy's per-row overhead on the ``PW``-long rows
+      (16 on CIFAR) and partial (non-contiguous) outputs dominate: 1.5-3x
+      slower.  The argmax is then kept as ``(PH, PW, N*C)``.
+    * direct (every offset covers the whole top, e.g. 3x3/2 on 27x27 or
+      2x2/2 on even sizes; large planes; another array module): strided
+      views of batch chunks in NCHW, scratch outputs contiguous.
+    * one window covering the image (global pooling, or a 7x7 kernel on
+      7x7): MAX is an ``fmax`` reduction (NaN skipped, as Caffe's ``>``) with
+      the argmax as the first pixel equal to it; AVE is Caffe's running sum
+      in raster order on transposed chunks (numpy's pairwise ``sum`` rounds
+      differently); backward writes ``0 + g`` (no ``-0``, as Caffe).
+
+    Known deviation (not Caffe's): the MAX offset loops compute
+    ``g * (idx == k+1)``, so an inf or NaN top diff also makes the other
+    pixels of its window NaN (Caffe routes it to the argmax only, as the
+    global path here does); finite diffs are exact.
 """
 import numpy
 
@@ -38,6 +63,23 @@ from ..layer import Layer, register_layer
 
 FLT_MAX = float(numpy.finfo(numpy.float32).max)
 FLT_MIN = float(numpy.finfo(numpy.float32).tiny)
+
+
+def _to_rows_last(xp, src, dst, block):
+    """``dst[:, :n] = src.T`` for ``src`` of shape ``(n, L)``: a transpose in
+    blocks of ``block`` rows (one unblocked strided copy is ~5x slower)."""
+    n = src.shape[0]
+    for b in range(0, n, block):
+        e = min(b + block, n)
+        xp.copyto(dst[:, b:e], src[b:e].T)
+
+
+def _from_rows_last(xp, src, dst, block):
+    """``dst = src[:, :n].T`` for ``dst`` of shape ``(n, L)`` (blocked)."""
+    n = dst.shape[0]
+    for b in range(0, n, block):
+        e = min(b + block, n)
+        xp.copyto(dst[b:e], src[:, b:e].T)
 
 
 def _prod(values):
@@ -59,6 +101,21 @@ class PoolingLayer(Layer):
     max_top_blobs = 2
     #: Bottom bytes per batch chunk of the kernel-offset loops (cache-sized).
     chunk_bytes = 2 << 20
+    #: Channels-last path: planes (H*W) up to this many pixels take it.
+    cl_max_plane = 64 * 64
+    #: Channels-last path: bottom bytes per chunk of planes, clamped to
+    #: ``cl_rows`` planes (the length of the inner loops).
+    cl_chunk_bytes = 1 << 20
+    #: The same for backward (its transpose back to NCHW prefers shorter chunks).
+    cl_backward_chunk_bytes = 256 << 10
+    cl_rows = (64, 512)
+    #: Pixels per block of the blocked transposes (a block is a power of two
+    #: of planes in ``cl_block_rows``): fewer, larger copies on small maps.
+    cl_block_pixels = 16384
+    cl_block_rows = (8, 256)
+    #: Global AVE: bottom bytes per chunk of planes (its running sum costs
+    #: H*W numpy calls per chunk).
+    whole_chunk_bytes = 4 << 20
 
     def setup(self, bottom, top):
         from ..proto import caffe_pb2
@@ -129,6 +186,9 @@ class PoolingLayer(Layer):
         self._geom_key = None
         self._argmax = None
         self._argmax_valid = False
+        self._argmax_cl = False
+        self._bufs = {}
+        self._views = {}
 
     def reshape(self, bottom, top):
         b = bottom[0]
@@ -178,6 +238,20 @@ class PoolingLayer(Layer):
                        slice(st_w, st_w + (hi_w - lo_w - 1) * sw + 1, sw))
                 plan.append((i * kw + j, ysl, xsl))
         self._plan = plan
+        full = [(ysl[1].stop - ysl[1].start, ysl[2].stop - ysl[2].start) == (PH, PW) for _, ysl, _ in plan]
+        # The first offset covers the whole top: it initialises it (no fill).
+        self._first_full = bool(plan) and full[0]
+        # Some offset covers only part of the top (padding, ceil overhang): the
+        # direct path's partial views are ~3x slower per element than full ones.
+        self._partial = not all(full)
+        # Windows never overlap (stride >= kernel): backward writes each bottom
+        # pixel once, ``0 + g`` straight into it (a fill only if some pixel
+        # is in no window).
+        self._disjoint = sh >= kh and sw >= kw
+        covered = sum((ysl[1].stop - ysl[1].start) * (ysl[2].stop - ysl[2].start) for _, ysl, _ in plan)
+        self._covers_all = self._disjoint and covered == H * W
+        # The same views on a channels-last (H, W, rows) chunk.
+        self._cl_plan = [(k, ysl[1:], xsl[1:]) for k, ysl, xsl in plan]
         self._n_offsets = kh * kw
         # A single window covering the whole image: a plain reduction.
         self._whole = (PH == 1 and PW == 1 and ph == 0 and pw == 0 and kh >= H and kw >= W)
@@ -188,6 +262,8 @@ class PoolingLayer(Layer):
         dw = numpy.minimum(ws + kw, W + pw) - ws
         self._divisor_host = (dh[:, None] * dw[None, :]).astype(numpy.float64)
         self._divisor = None
+        self._cl_divisor_host = self._divisor_host[:, :, None]
+        self._cl_divisor = None
         # Mask top: flat index of the window's top-left corner (may be negative).
         self._corner_host = hs[:, None] * W + ws[None, :]
         self._corner = None
@@ -213,6 +289,45 @@ class PoolingLayer(Layer):
         nb = max(1, min(n, self.chunk_bytes // max(per_image, 1)))
         return [slice(b, min(b + nb, n)) for b in range(0, n, nb)]
 
+    def _buf(self, name, shape, dtype):
+        """A scratch buffer kept across calls (reallocated on shape/dtype change)."""
+        b = self._bufs.get(name)
+        if b is None or tuple(b.shape) != tuple(shape) or b.dtype != dtype:
+            b = self._bufs[name] = self.xp.empty(shape, dtype=dtype)
+            self._views.clear()
+        return b
+
+    def _scratch(self, buf, shape):
+        """A C-contiguous ``shape`` array at the start of the contiguous ``buf``
+        (ufuncs into a contiguous output run ~3x faster than into a partial
+        view); the views are cached (they are made per offset and chunk).  A
+        view of a since-replaced buffer still owns valid scratch memory."""
+        key = (id(buf), buf.dtype, shape)
+        v = self._views.get(key)
+        if v is None:
+            if len(self._views) > 256:
+                self._views.clear()
+            v = self._views[key] = buf.reshape(-1)[:_prod(shape)].reshape(shape)
+        return v
+
+    def _cl_ok(self, shape):
+        """Whether this bottom shape takes the channels-last path (numpy only:
+        on a GPU module the direct views have no per-row loop overhead)."""
+        return (not self._whole and self._partial and self.xp is numpy
+                and shape[2] * shape[3] <= self.cl_max_plane)
+
+    def _cl_geometry(self, NC, plane, itemsize, chunk_bytes=None):
+        """(planes per chunk, planes per transpose block) for the channels-last path."""
+        lo, hi = self.cl_block_rows
+        blk = lo
+        while blk * 2 <= min(hi, self.cl_block_pixels // max(plane, 1)):
+            blk *= 2
+        lo, hi = self.cl_rows
+        chunk_bytes = self.cl_chunk_bytes if chunk_bytes is None else chunk_bytes
+        nc = min(max(lo, chunk_bytes // max(plane * itemsize, 1)), hi)
+        nc = max(blk, nc - nc % blk)
+        return max(1, min(NC, nc)), blk
+
     # -- forward ----------------------------------------------------------------
     def _wants_argmax(self, top):
         if len(top) > 1:
@@ -230,19 +345,83 @@ class PoolingLayer(Layer):
         else:
             self._forward_stochastic(x, y)
 
-    def _forward_max(self, x, y, top):
+    def _offsets_forward(self, mode, plan, xc, yc, ic=None, mask=None, code=None, divisor=None):
+        """One chunk's kernel-offset loop, in either layout (``plan``'s views
+        index ``xc`` / ``yc`` / ``ic``).  ``mode`` "max": running ``fmax`` from
+        -FLT_MAX (NaN never wins, as with Caffe's ``>``); "argmax": also the
+        running offset + 1 in ``ic`` (``mask`` / ``code``: contiguous scratch);
+        "ave": the running sum from 0 in raster order, then / ``divisor``.
+        When the first offset covers the whole top it initialises the top
+        (``max(x, -FLT_MAX)``, ``0 + x``) instead of a fill and an update."""
         xp = self.xp
+        rest = plan
+        if self._first_full:
+            k, _, xsl = plan[0]
+            xv = xc[xsl]
+            rest = plan[1:]
+            if mode == "ave":
+                xp.add(xv, 0.0, out=yc)            # 0 + x: -0 becomes +0, as Caffe's sum
+            else:
+                if mode == "argmax":               # x > -FLT_MAX strictly: offset k wins
+                    g = xp.greater(xv, -FLT_MAX, out=self._scratch(mask, xv.shape))
+                    xp.multiply(g, ic.dtype.type(k + 1), out=ic)
+                xp.fmax(xv, -FLT_MAX, out=yc)
+        else:
+            yc.fill(0 if mode == "ave" else -FLT_MAX)
+            if mode == "argmax":
+                ic.fill(0)
+        if mode == "ave":
+            for _, ysl, xsl in rest:
+                yv = yc[ysl]
+                xp.add(yv, xc[xsl], out=yv)
+            with numpy.errstate(divide="ignore", invalid="ignore"):
+                xp.divide(yc, divisor, out=yc)
+        elif mode == "max":
+            for _, ysl, xsl in rest:
+                yv = yc[ysl]
+                xp.fmax(yv, xc[xsl], out=yv)
+        else:
+            itype = ic.dtype.type
+            for k, ysl, xsl in rest:
+                yv, xv = yc[ysl], xc[xsl]
+                g = xp.greater(xv, yv, out=self._scratch(mask, yv.shape))
+                xp.fmax(yv, xv, out=yv)
+                t = xp.multiply(g, itype(k + 1), out=self._scratch(code, yv.shape))
+                iv = ic[ysl]
+                xp.maximum(iv, t, out=iv)
+
+    def _offsets_backward(self, plan, gc, dc, ic=None, mask=None, sel=None):
+        """One chunk's backward loop, in either layout: ``dc`` = sum over
+        offsets, in ``plan``'s (reversed) order, of the top diff ``gc``
+        (already divided by the pool size for AVE) or, with the argmax ``ic``,
+        ``gc * (ic == k+1)``.  Disjoint windows write ``0 + g`` once per pixel."""
+        xp = self.xp
+        if not self._covers_all:
+            dc.fill(0)
+        disjoint = self._disjoint
+        for k, ysl, xsl in plan:
+            if ic is None:
+                t = gc[ysl]
+            else:
+                iv = ic[ysl]
+                e = xp.equal(iv, ic.dtype.type(k + 1), out=self._scratch(mask, iv.shape))
+                t = xp.multiply(gc[ysl], e, out=self._scratch(sel, iv.shape))
+            dv = dc[xsl]
+            if disjoint:
+                xp.add(t, 0.0, out=dv)
+            else:
+                xp.add(dv, t, out=dv)
+
+    def _forward_max(self, x, y, top):
         if self._wants_argmax(top):
             self._compute_argmax(x, y)
         elif self._whole:
             self._whole_max(x, y, None)
+        elif self._cl_ok(x.shape):
+            self._cl_forward(x, y, "max")
         else:
             for c in self._chunks(x.shape):
-                xc, yc = x[c], y[c]
-                yc.fill(-FLT_MAX)
-                for _, ysl, xsl in self._plan:
-                    yv = yc[ysl]
-                    xp.fmax(yv, xc[xsl], out=yv)      # fmax: NaN never wins, as with Caffe's >
+                self._offsets_forward("max", self._plan, x[c], y[c])
         if len(top) > 1:
             self._write_mask(top[1].data, x.shape[3])
 
@@ -255,52 +434,58 @@ class PoolingLayer(Layer):
         return self._argmax
 
     def _whole_max(self, x, y, idx):
-        """One window covering the image: reductions.  Windows whose max is not
-        above -FLT_MAX (all -inf / NaN) give -FLT_MAX and no argmax, as in Caffe;
-        a NaN among real values makes the max NaN -> -FLT_MAX here (Caffe would
-        skip the NaN)."""
+        """One window covering the image: an ``fmax`` reduction (NaN skipped,
+        as by Caffe's strict ``>``), the argmax as the first pixel equal to it
+        (Caffe's first maximum in raster order).  Windows whose max is not above
+        -FLT_MAX (all -inf / NaN / -FLT_MAX) give -FLT_MAX and no argmax."""
+        xp = self.xp
         N, C, H, W = x.shape
         flat = x.reshape(N, C, H * W)
-        y[...] = flat.max(axis=2).reshape(y.shape)
-        bad = ~(y > -FLT_MAX)
+        reduce = getattr(xp.fmax, "reduce", None)
+        if reduce is not None:
+            m = reduce(flat, axis=2)
+        else:                                      # array modules without ufunc.reduce
+            m = xp.nanmax(flat, axis=2)
+        bad = ~(m > -FLT_MAX)
+        m[bad] = -FLT_MAX
         if idx is not None:
-            idx[...] = (flat.argmax(axis=2) + 1).reshape(y.shape)
-            idx[bad] = 0
-        y[bad] = -FLT_MAX
+            eq = xp.equal(flat, m[:, :, None], out=self._buf("whole_eq", flat.shape, bool))
+            first = eq.argmax(axis=2)
+            first += 1
+            first[bad] = 0
+            idx[...] = first.reshape(idx.shape)
+        y[...] = m.reshape(y.shape)
 
     def _compute_argmax(self, x, y):
         """Caffe's loop vectorised over kernel offsets: y starts at -FLT_MAX and
         offset k wins where ``x > y`` strictly (first maximum in raster order).
         The index update is arithmetic (offsets only grow, so
         ``idx = max(idx, (x > y) * (k + 1))``), much cheaper than masked copies."""
-        xp = self.xp
+        self._argmax_cl = False
+        if self._cl_ok(x.shape):
+            self._cl_forward(x, y, "argmax")
+            self._argmax_cl = True
+            self._argmax_valid = True
+            return self._argmax
         idx = self._argmax_buffer(y.shape)
         if self._whole:
             self._whole_max(x, y, idx)
         else:
-            itype = idx.dtype.type
             chunks = self._chunks(x.shape)
             nb = chunks[0].stop - chunks[0].start if chunks else 0
-            gt_buf = xp.empty((nb,) + tuple(y.shape[1:]), dtype=bool)
-            tmp_buf = xp.empty((nb,) + tuple(y.shape[1:]), dtype=idx.dtype)
+            mask = self._buf("d_mask", (nb,) + tuple(y.shape[1:]), bool)
+            code = self._buf("d_code", (nb,) + tuple(y.shape[1:]), idx.dtype)
             for c in chunks:
-                xc, yc, ic = x[c], y[c], idx[c]
-                yc.fill(-FLT_MAX)
-                ic.fill(0)
-                gt, tmp = gt_buf[:c.stop - c.start], tmp_buf[:c.stop - c.start]
-                for k, ysl, xsl in self._plan:
-                    yv, xv = yc[ysl], xc[xsl]
-                    g = xp.greater(xv, yv, out=gt[ysl])
-                    xp.fmax(yv, xv, out=yv)
-                    t = xp.multiply(g, itype(k + 1), out=tmp[ysl])
-                    iv = ic[ysl]
-                    xp.maximum(iv, t, out=iv)
+                self._offsets_forward("argmax", self._plan, x[c], y[c], idx[c], mask, code)
         self._argmax_valid = True
         return idx
 
     def _write_mask(self, mask, W):
         """Flat index ``h*W + w`` of each window's argmax (-1 where none)."""
         idx = self._argmax
+        if self._argmax_cl:
+            PH, PW, NC = idx.shape
+            idx = idx.reshape(PH * PW, NC).T.reshape(mask.shape)
         dt = mask.dtype
         if self._whole:
             mask[...] = idx.astype(dt) - 1
@@ -314,20 +499,109 @@ class PoolingLayer(Layer):
         mask[idx == 0] = -1
 
     def _forward_ave(self, x, y):
-        xp = self.xp
         if self._whole:
-            N, C, H, W = x.shape
-            y[...] = x.reshape(N, C, H * W).sum(axis=2).reshape(y.shape) / y.dtype.type(H * W)
+            self._whole_ave(x, y)
+            return
+        if self._cl_ok(x.shape):
+            self._cl_forward(x, y, "ave")
             return
         divisor = self._device("_divisor", y.dtype)
         for c in self._chunks(x.shape):
-            xc, yc = x[c], y[c]
-            yc.fill(0)
-            for _, ysl, xsl in self._plan:       # raster order: Caffe's summation order
-                yv = yc[ysl]
-                yv += xc[xsl]
-            with numpy.errstate(divide="ignore", invalid="ignore"):
-                xp.divide(yc, divisor, out=yc)
+            self._offsets_forward("ave", self._plan, x[c], y[c], divisor=divisor)
+
+    def _whole_ave(self, x, y):
+        """One window covering the image: Caffe's running sum in raster order
+        (numpy's pairwise ``sum`` would round differently), on planes
+        transposed in chunks so each of the H*W additions is one long vector."""
+        xp = self.xp
+        N, C, H, W = x.shape
+        NC, HW = N * C, H * W
+        x2 = x.reshape(NC, HW)
+        contiguous = y.flags.c_contiguous
+        y1 = y.reshape(NC) if contiguous else xp.empty(NC, dtype=y.dtype)
+        _, blk = self._cl_geometry(NC, HW, x.dtype.itemsize)
+        # long chunks: each chunk costs H*W + a few numpy calls
+        nc = max(1, min(NC, max(self.cl_rows[1], self.whole_chunk_bytes // (HW * x.dtype.itemsize))))
+        xt = self._buf("xt", (HW, nc), x.dtype)
+        div = y.dtype.type(HW)
+        for c0 in range(0, NC, nc):
+            n = min(nc, NC - c0)
+            _to_rows_last(xp, x2[c0:c0 + n], xt, blk)
+            acc = y1[c0:c0 + n]
+            xp.add(xt[0, :n], 0.0, out=acc)          # 0 + x: -0 becomes +0, as in Caffe
+            for i in range(1, HW):
+                xp.add(acc, xt[i, :n], out=acc)
+            xp.divide(acc, div, out=acc)
+        if not contiguous:
+            y[...] = y1.reshape(y.shape)
+
+    def _cl_forward(self, x, y, mode):
+        """Channels-last forward, ``mode`` "max", "argmax" or "ave": per chunk
+        of planes, transpose to (H, W, n), run the kernel-offset loop of the
+        direct path (same operations, same order), transpose the top back."""
+        xp = self.xp
+        N, C, H, W = x.shape
+        PH, PW = y.shape[2], y.shape[3]
+        NC = N * C
+        out = y if y.flags.c_contiguous else xp.empty(y.shape, dtype=y.dtype)
+        x2 = x.reshape(NC, H * W)
+        y2 = out.reshape(NC, PH * PW)
+        nc, blk = self._cl_geometry(NC, H * W, x.dtype.itemsize)
+        xt = self._buf("xt", (H, W, nc), x.dtype)
+        yt = self._buf("yt", (PH, PW, nc), y.dtype)
+        xt2, yt2 = xt.reshape(H * W, nc), yt.reshape(PH * PW, nc)
+        ic = mask = code = divisor = None
+        if mode == "argmax":
+            idx = self._argmax_buffer((PH, PW, NC))
+            mask = self._buf("mask", (PH, PW, nc), bool)
+            code = self._buf("code", (PH, PW, nc), idx.dtype)
+        elif mode == "ave":
+            divisor = self._device("_cl_divisor", y.dtype)
+        for c0 in range(0, NC, nc):
+            n = min(nc, NC - c0)
+            _to_rows_last(xp, x2[c0:c0 + n], xt2, blk)
+            if mode == "argmax":
+                ic = idx[:, :, c0:c0 + n]
+            self._offsets_forward(mode, self._cl_plan, xt[:, :, :n], yt[:, :, :n], ic, mask, code, divisor)
+            _from_rows_last(xp, yt2, y2[c0:c0 + n], blk)
+        if out is not y:
+            y[...] = out
+
+    def _cl_backward(self, gy, dx, mode):
+        """Channels-last backward ("max" from the (PH, PW, N*C) argmax, or
+        "ave"): offsets in reverse, as the direct path, for Caffe's sums."""
+        xp = self.xp
+        N, C, H, W = dx.shape
+        PH, PW = gy.shape[2], gy.shape[3]
+        NC = N * C
+        out = dx if dx.flags.c_contiguous else xp.empty(dx.shape, dtype=dx.dtype)
+        g2 = gy.reshape(NC, PH * PW)
+        d2 = out.reshape(NC, H * W)
+        nc, blk = self._cl_geometry(NC, H * W, dx.dtype.itemsize, self.cl_backward_chunk_bytes)
+        dt = self._buf("b_xt", (H, W, nc), dx.dtype)      # own buffers: another chunk size
+        gt = self._buf("b_yt", (PH, PW, nc), gy.dtype)
+        dt2, gt2 = dt.reshape(H * W, nc), gt.reshape(PH * PW, nc)
+        plan = self._cl_plan[::-1]
+        ic = mask = sel = divisor = None
+        if mode == "max":
+            idx = self._argmax
+            mask = self._buf("b_mask", (PH, PW, nc), bool)
+            sel = self._buf("b_gsel", (PH, PW, nc), gy.dtype)
+        else:
+            divisor = self._device("_cl_divisor", gy.dtype)
+        for c0 in range(0, NC, nc):
+            n = min(nc, NC - c0)
+            _to_rows_last(xp, g2[c0:c0 + n], gt2, blk)
+            gc = gt[:, :, :n]
+            if mode == "ave":
+                with numpy.errstate(divide="ignore", invalid="ignore"):
+                    xp.divide(gc, divisor, out=gc)
+            else:
+                ic = idx[:, :, c0:c0 + n]
+            self._offsets_backward(plan, gc, dt[:, :, :n], ic, mask, sel)
+            _from_rows_last(xp, dt2, d2[c0:c0 + n], blk)
+        if out is not dx:
+            dx[...] = out
 
     def _forward_stochastic(self, x, y):
         if self.phase == 0:
@@ -370,31 +644,41 @@ class PoolingLayer(Layer):
         Caffe's (ph, pw) raster order: the same float sums as Caffe."""
         xp = self.xp
         if not self._argmax_valid:
-            self._compute_argmax(x, xp.empty_like(gy))
+            self._compute_argmax(x, self._buf("recomputed_top", gy.shape, gy.dtype))
         idx = self._argmax
-        if self._whole:
-            N, C, H, W = dx.shape
-            hw = xp.arange(1, H * W + 1, dtype=idx.dtype).reshape(1, 1, H * W)
-            dx[...] = ((idx.reshape(N, C, 1) == hw) * gy.reshape(N, C, 1)).reshape(dx.shape)
+        if self._argmax_cl:
+            self._cl_backward(gy, dx, "max")
             return
-        itype = idx.dtype.type
-        for c in self._chunks(dx.shape):
-            dc, gc, ic = dx[c], gy[c], idx[c]
-            dc.fill(0)
-            for k, ysl, xsl in reversed(self._plan):
-                dv = dc[xsl]
-                dv += gc[ysl] * (ic[ysl] == itype(k + 1))
+        if self._whole:
+            # Caffe: zero, then 0 + g at each window's argmax (none where idx is 0)
+            N, C, H, W = dx.shape
+            out = dx if dx.flags.c_contiguous else xp.empty(dx.shape, dtype=dx.dtype)
+            out.fill(0)
+            i1 = idx.reshape(N * C)
+            rows = xp.nonzero(i1)[0]
+            out.reshape(N * C, H * W)[rows, i1[rows].astype(numpy.intp) - 1] = gy.reshape(N * C)[rows] + 0.0
+            if out is not dx:
+                dx[...] = out
+            return
+        chunks = self._chunks(dx.shape)
+        nb = chunks[0].stop - chunks[0].start if chunks else 0
+        mask = self._buf("d_mask", (nb,) + tuple(gy.shape[1:]), bool)
+        sel = self._buf("d_gsel", (nb,) + tuple(gy.shape[1:]), gy.dtype)
+        plan = self._plan[::-1]
+        for c in chunks:
+            self._offsets_backward(plan, gy[c], dx[c], idx[c], mask, sel)
 
     def _backward_ave(self, gy, dx):
+        xp = self.xp
         if self._whole:
             N, C, H, W = dx.shape
-            dx[...] = gy.reshape(N, C, 1, 1) / gy.dtype.type(H * W)
+            dx[...] = gy.reshape(N, C, 1, 1) / gy.dtype.type(H * W) + 0.0   # Caffe's 0 + g/size
+            return
+        if self._cl_ok(dx.shape):
+            self._cl_backward(gy, dx, "ave")
             return
         with numpy.errstate(divide="ignore", invalid="ignore"):
-            g = gy / self._device("_divisor", gy.dtype)
+            g = xp.divide(gy, self._device("_divisor", gy.dtype), out=self._buf("d_g", gy.shape, gy.dtype))
+        plan = self._plan[::-1]
         for c in self._chunks(dx.shape):
-            dc, gc = dx[c], g[c]
-            dc.fill(0)
-            for _, ysl, xsl in reversed(self._plan):
-                dv = dc[xsl]
-                dv += gc[ysl]
+            self._offsets_backward(plan, g[c], dx[c])
