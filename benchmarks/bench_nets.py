@@ -43,6 +43,10 @@ in one process, a case's speed depended on the cases before it (PyTorch
 ResNet-50 batch-8 inference took 1.05 s after the other nets, 0.5-0.6 s
 alone).
 
+TEST-phase netlib nets run with ``net.reuse_memory()`` (the liveness plan:
+blobs that are neither inputs nor outputs share pooled buffers; ``--no-reuse``
+turns it off).
+
 Memory: peak resident memory (VmHWM from /proc/self/status) of TEST-phase
 inference runs, each in a fresh child process per engine (build the net, two
 forwards): CaffeNet deploy at batch 10 and every net at batch 1 and the
@@ -93,6 +97,8 @@ def _args(argv=None):
     ap.add_argument("--modes", default="train,test1,testN", help="subset of train,test1,testN")
     ap.add_argument("--engines", default="netlib,torch", help="subset of netlib,torch")
     ap.add_argument("--no-memory", action="store_true", help="skip the child-process memory runs")
+    ap.add_argument("--no-reuse", action="store_true",
+                    help="TEST-phase netlib nets without net.reuse_memory() (every blob keeps its own buffer)")
     ap.add_argument("--target-s", type=float, default=0.3, help="seconds of work per round and engine")
     ap.add_argument("--write-prototxt", metavar="DIR",
                     help="write the benchmark nets' prototxts (NAME_train.prototxt, NAME_test.prototxt "
@@ -242,6 +248,8 @@ class Case:
         self.param = bench_param(name, phase, batch)
         self.net = netlib.Net(self.param, phase=netlib.TRAIN if phase == "train" else netlib.TEST)
         init = fill_netlib(self.net)
+        if phase == "test" and not ARGS.no_reuse:
+            self.net.reuse_memory()      # inference: the liveness plan (outputs and inputs kept)
         classes = fill_inputs(self.net, np.random.RandomState(1))
         self.train = phase == "train"
         self.runs = {"netlib": self._netlib_step}
@@ -303,7 +311,7 @@ def run_case_isolated(name, mode, batch, rounds, target):
     """``run_case`` in a fresh child process (same flags); returns its result dict."""
     cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(ARGS.threads),
            "--engines", ARGS.engines, "--rounds", str(rounds), "--target-s", str(target),
-           "--case-child", name, mode, str(batch)]
+           "--case-child", name, mode, str(batch)] + (["--no-reuse"] if ARGS.no_reuse else [])
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError("case %s %s b%d failed:\n%s" % (name, mode, batch, res.stderr))
@@ -332,6 +340,8 @@ def mem_child(engine, name, batch):
         base = _vm("VmRSS")
         net = netlib.Net(param, phase=netlib.TEST)   # weights: the prototxt's fillers
         built = _vm("VmHWM")
+        if not ARGS.no_reuse:
+            net.reuse_memory()
         fill_inputs(net, np.random.RandomState(1))
         net.forward_prefilled()
         net.forward_prefilled()
@@ -342,7 +352,7 @@ def mem_child(engine, name, batch):
 
 def measure_memory(engine, name, batch):
     cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(ARGS.threads),
-           "--mem-child", engine, name, str(batch)]
+           "--mem-child", engine, name, str(batch)] + (["--no-reuse"] if ARGS.no_reuse else [])
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         return {"error": (res.stderr.strip().splitlines() or ["failed"])[-1]}

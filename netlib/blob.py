@@ -3,9 +3,10 @@
 A blob owns two flat buffers of ``capacity`` elements.  ``data`` and ``diff``
 are views of the first ``count`` elements in the blob's current shape, so
 ``blob.data[...] = x`` writes in place, as in pycaffe.  Buffers are allocated
-on first use (a diff that nothing reads is never allocated) and reshaping
-reallocates only when the new count exceeds the capacity, as Caffe's
-``Blob::Reshape`` does.  The array module (``xp``: numpy or cupy) travels with
+on first use (a diff that nothing reads is never allocated: a TEST net that
+only runs forward allocates none, even through ``share_diff``, which shares
+lazily) and reshaping reallocates only when the new count exceeds the
+capacity, as Caffe's ``Blob::Reshape`` does.  The array module (``xp``: numpy or cupy) travels with
 the blob so the same layer code runs on either.
 """
 import numpy
@@ -31,6 +32,10 @@ class Blob:
         self._count = 1
         self._data_buf = None
         self._diff_buf = None
+        self._diff_src = None   # share_diff's source, until this diff is first used
+        self._diff_fill = 0     # the value a first-allocated diff starts with
+        self._data_view = None  # data's view, valid while shape and buffer are unchanged
+        self._view_of = None
         self.reshape(shape)
 
     # -- shape --------------------------------------------------------------
@@ -57,6 +62,7 @@ class Blob:
             count *= d
         self._shape = shape
         self._count = count
+        self._data_view = None
         return self
 
     def reshape_like(self, other):
@@ -129,10 +135,18 @@ class Blob:
 
     @property
     def data(self):
-        """The values, an array of ``shape`` that layers and users write in place."""
+        """The values, an array of ``shape`` that layers and users write in place.
+
+        The view is cached until the shape or the buffer changes (layers read
+        ``data`` several times per forward; building a view costs about 1 us)."""
+        view = self._data_view
+        if view is not None and self._view_of is self._data_buf and view.shape == self._shape:
+            return view
         if self._data_buf is None or self._data_buf.size < self._count:
             self._data_buf = self._alloc()
-        return self._data_buf[: self._count].reshape(self._shape)
+        view = self._data_buf[: self._count].reshape(self._shape)
+        self._data_view, self._view_of = view, self._data_buf
+        return view
 
     @data.setter
     def data(self, value):
@@ -148,14 +162,47 @@ class Blob:
             raise ShapeError("set_data needs a C-contiguous %s array of %d elements; got %s %s"
                              % (self.dtype, self._count, array.dtype, tuple(array.shape)))
         old, self._data_buf = self._data_buf, array.reshape(-1)
+        self._data_view = self._view_of = None
         return old
+
+    def release_data(self):
+        """Drop the data buffer (values are lost; the next ``data`` access
+        allocates zeros)."""
+        self._data_buf = self._data_view = self._view_of = None
+
+    def use_buffer(self, flat):
+        """Adopt the flat array ``flat`` (of the blob's dtype and array module,
+        at least ``count`` elements) as the data buffer, without a copy; ``data``
+        views its first ``count`` elements.  The memory planner
+        (:mod:`netlib.memory`) hands out buffers this way."""
+        if flat.dtype != self.dtype or flat.ndim != 1 or flat.size < self._count:
+            raise ShapeError("use_buffer needs a flat %s array of at least %d elements; got %s %s"
+                             % (self.dtype, self._count, flat.dtype, tuple(flat.shape)))
+        self._data_buf = flat
+        self._data_view = self._view_of = None
 
     @property
     def diff(self):
-        """The gradient with respect to the values, same shape as ``data``."""
-        if self._diff_buf is None or self._diff_buf.size < self._count:
-            self._diff_buf = self._alloc()
-        return self._diff_buf[: self._count].reshape(self._shape)
+        """The gradient with respect to the values, same shape as ``data``.
+
+        Allocated on first access: filled with the loss weight for a loss top
+        (see ``Layer.set_loss_weights``), zeros otherwise; a diff shared with
+        ``share_diff`` before either side allocated it is allocated on the
+        source and adopted here."""
+        buf = self._diff_buf
+        if buf is None or buf.size < self._count:
+            src = self._diff_src
+            if buf is None and src is not None:
+                self._diff_src = None
+                src.diff  # allocate (or resolve) the source's buffer
+                buf = src._diff_buf
+            if buf is None or buf.size < self._count:
+                fresh = buf is None
+                buf = self._alloc()
+                if fresh and self._diff_fill:
+                    buf[...] = self._diff_fill
+            self._diff_buf = buf
+        return buf[: self._count].reshape(self._shape)
 
     @diff.setter
     def diff(self, value):
@@ -163,22 +210,35 @@ class Blob:
 
     @property
     def has_diff(self):
-        """True once the diff buffer exists."""
-        return self._diff_buf is not None
+        """True once the diff buffer exists (a pending lazy share counts when
+        its source has one)."""
+        if self._diff_buf is not None:
+            return True
+        return self._diff_src is not None and self._diff_src.has_diff
 
     def share_data(self, other):
         """Use ``other``'s data buffer (counts must match), as Caffe's ShareData."""
         if self._count != other._count:
             raise ShapeError("share_data needs equal counts: %s vs %s" % (self._shape, other._shape))
         other.data  # make sure it exists
-        self._data_buf = other._data_buf
+        if self._data_buf is not other._data_buf:
+            self._data_buf = other._data_buf
+            self._data_view = self._view_of = None
 
     def share_diff(self, other):
-        """Use ``other``'s diff buffer (counts must match)."""
+        """Use ``other``'s diff buffer (counts must match), as Caffe's ShareDiff.
+
+        Lazy: when ``other`` has no diff yet, none is allocated now; the first
+        access to either diff allocates it on ``other`` and this blob adopts it
+        (so a forward-only net never allocates diffs through Flatten/Reshape)."""
         if self._count != other._count:
             raise ShapeError("share_diff needs equal counts: %s vs %s" % (self._shape, other._shape))
-        other.diff
-        self._diff_buf = other._diff_buf
+        if other is self:
+            return
+        if other._diff_buf is not None:
+            self._diff_buf, self._diff_src = other._diff_buf, None
+        else:
+            self._diff_buf, self._diff_src = None, other
 
     def shares_data_with(self, other):
         return self._data_buf is not None and self._data_buf is other._data_buf
@@ -187,6 +247,7 @@ class Blob:
         """Move the buffers to another array module (numpy <-> cupy)."""
         if xp is self.xp:
             return self
+        self._data_view = self._view_of = None
         for name in ("_data_buf", "_diff_buf"):
             buf = getattr(self, name)
             if buf is not None:
@@ -259,6 +320,11 @@ class Blob:
         if diff.size == self._count and diff.size:
             self.diff[...] = self.xp.asarray(diff.reshape(self._shape), dtype=self.dtype)
         return self
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_data_view"] = state["_view_of"] = None  # a copied view would not view the copied buffer
+        return state
 
     def __repr__(self):
         return "Blob(shape=%s, dtype=%s)" % (self._shape, self.dtype.name)

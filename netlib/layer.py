@@ -14,6 +14,17 @@ The framework drives them through ``SetUp``, ``Forward`` and ``Backward``
 (Caffe's names), which add the bottom/top count checks, loss weights (stored
 in the top's diff, as Caffe does) and the loss sum.
 
+Two netlib departures from Caffe's driver, neither changing a number:
+
+* ``Forward`` skips ``reshape`` when nothing it reads changed since the last
+  call (the bottoms' shapes and data buffers, the tops' shapes) for layers
+  whose reshape depends on nothing else (``static_reshape``; see there):
+  Caffe reshapes before every forward, which costs more than the math for a
+  small layer at batch 1.
+* The loss weight of a loss top is written into its diff lazily (the first
+  time the diff is used, see ``Blob.diff``), so a forward-only net allocates
+  no diff; the loss is still ``dot(top.data, weights)``, Caffe's caffe_cpu_dot.
+
 Layers register under their Caffe type string::
 
     @register_layer("Convolution")
@@ -30,6 +41,10 @@ from .blob import Blob
 from .errors import LayerError, UnknownLayerTypeError
 
 _REGISTRY = {}
+
+#: Built-in types whose reshape reads more than shapes (Filter: the
+#: selector's values decide the top's batch), so Forward always reshapes them.
+DYNAMIC_RESHAPE_TYPES = frozenset(("Filter",))
 
 # V1LayerParameter.LayerType enum names -> type strings (Caffe's upgrader).
 V1_TYPE_NAMES = {
@@ -151,6 +166,13 @@ class Layer:
     auto_top_blobs = False
     #: Set by the Net: False when backward never runs for this layer.
     need_backward = True
+    #: True: ``reshape`` depends only on the bottoms' shapes and data buffers
+    #: and the tops' shapes (and on fixed parameters), so ``Forward`` may skip
+    #: it when those did not change.  None (the default): True for netlib's
+    #: own layers in :mod:`netlib.builtin` except those in
+    #: ``DYNAMIC_RESHAPE_TYPES``, False for any other class (Python layers,
+    #: users' layers) and for layers without bottoms (data layers).
+    static_reshape = None
 
     def __init__(self, layer_param=None, phase=None, dtype=numpy.float32, xp=None):
         from .proto import caffe_pb2
@@ -166,6 +188,11 @@ class Layer:
         self.blobs = BlobVec(self)
         self.param_propagate_down = []
         self._loss_weights = []
+        self._loss_tops = ()      # (top index, weight) of each weighted top
+        self._loss_vecs = {}
+        self._static = False
+        self._key_shapes = None   # what reshape last saw (see Forward)
+        self._key_bufs = ()
         # Python layers read these (pycaffe sets them before setup).
         self.param_str = layer_param.python_param.param_str if layer_param.HasField("python_param") else ""
 
@@ -196,17 +223,52 @@ class Layer:
         self.set_loss_weights(top)
         if len(self.param_propagate_down) != len(self.blobs):
             self.param_propagate_down = [True] * len(self.blobs)
+        static = self.static_reshape
+        if static is None:
+            static = (type(self).__module__.startswith("netlib.builtin.")
+                      and self.type not in DYNAMIC_RESHAPE_TYPES)
+        self._static = bool(static) and len(bottom) > 0
+        self._key_shapes = None
+
+    def invalidate_reshape(self):
+        """Make the next ``Forward`` call ``reshape`` (the Net calls this
+        after it changes blobs behind the layer's back)."""
+        self._key_shapes = None
+        self._key_bufs = ()
 
     def Forward(self, bottom, top):
-        """Reshape, forward, and return the weighted loss of this layer."""
-        self.reshape(bottom, top)
+        """Reshape (when needed), forward, and return the weighted loss of this layer."""
+        if self._static:
+            shapes = [b._shape for b in bottom]
+            shapes += [t._shape for t in top]
+            bufs = self._key_bufs
+            if shapes != self._key_shapes or any(b._data_buf is not k for b, k in zip(bottom, bufs)):
+                self.reshape(bottom, top)
+                shapes = [b._shape for b in bottom]
+                shapes += [t._shape for t in top]
+                self._key_shapes = shapes
+                self._key_bufs = [b._data_buf for b in bottom]
+        else:
+            self.reshape(bottom, top)
         self.forward(bottom, top)
+        if not self._loss_tops:
+            return 0.0
         loss = 0.0
-        for i, weight in enumerate(self._loss_weights):
-            if weight != 0:
-                t = top[i]
+        for i, _ in self._loss_tops:
+            t = top[i]
+            if t.has_diff:
                 loss += float(self.xp.dot(t.data.ravel(), t.diff.ravel()))  # caffe_cpu_dot
+            else:
+                loss += float(self.xp.dot(t.data.ravel(), self._loss_vector(i, t)))
         return loss
+
+    def _loss_vector(self, i, t):
+        """The loss weight broadcast to top ``i``'s count: what its diff would
+        hold (kept by the layer, not the blob, so no diff is allocated)."""
+        vec = self._loss_vecs.get(i)
+        if vec is None or vec.size != t.count or vec.dtype != t.dtype:
+            vec = self._loss_vecs[i] = self.xp.full(t.count, self._loss_weights[i], dtype=t.dtype)
+        return vec
 
     def Backward(self, top, propagate_down, bottom):
         self.backward(top, propagate_down, bottom)
@@ -227,9 +289,14 @@ class Layer:
         if not weights:
             weights = [self.default_loss_weight(i) for i in range(len(top))]
         self._loss_weights = [float(w) for w in weights]
+        self._loss_tops = [(i, w) for i, w in enumerate(self._loss_weights) if w != 0]
+        self._loss_vecs = {}
         for t, w in zip(top, self._loss_weights):
             if w != 0:
-                t.diff[...] = w
+                if t.has_diff or t._diff_src is not None:
+                    t.diff[...] = w
+                else:
+                    t._diff_fill = w  # written when the diff is first used
 
     def check_blob_counts(self, bottom, top):
         nb, nt = len(bottom), len(top)

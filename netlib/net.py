@@ -202,6 +202,8 @@ class Net:
     netlib extras.
     """
 
+    _memory = None  # the netlib.memory.MemoryReuse of reuse_memory(), when on
+
     def __init__(self, model, *args, phase=None, level=0, stages=None, weights=None,
                  dtype=numpy.float32, xp=None, allow_python_layers=None):
         if len(args) == 1:
@@ -559,23 +561,36 @@ class Net:
     # -- running ---------------------------------------------------------------------
     def forward_from_to(self, start=0, end=None):
         """Run layers ``start..end`` (inclusive) forward; return their summed loss."""
+        return self._forward_range(start, end, ())
+
+    def _forward_range(self, start, end, extra):
         end = len(self.layers) - 1 if end is None else end
         if not (0 <= start <= len(self.layers)) or end >= len(self.layers):
             raise ConfigError("forward range %d..%d outside 0..%d" % (start, end, len(self.layers) - 1))
-        loss = self.dtype.type(0)  # summed in the net's dtype, as Caffe's Dtype loss
+        if self._memory is not None and start <= end:
+            self._memory.prepare(start, end, extra)
+        dtype = self.dtype.type
+        loss = dtype(0)  # summed in the net's dtype, as Caffe's Dtype loss
+        layers, bottoms, tops = self.layers, self.bottom_vecs, self.top_vecs
+        hooks = getattr(self, "_hooks", None)
         i = start
         try:
-            hooks = getattr(self, "_hooks", None)
-            for i in range(start, end + 1):
-                if hooks:
-                    for callback in hooks["before_forward"]:
-                        callback(i)
-                loss += self.dtype.type(self.layers[i].Forward(self.bottom_vecs[i], self.top_vecs[i]))
-                if self.debug_info:
-                    self._log_forward(i)
-                if hooks:
-                    for callback in hooks["after_forward"]:
-                        callback(i)
+            if not hooks and not self.debug_info:
+                for i in range(start, end + 1):
+                    value = layers[i].Forward(bottoms[i], tops[i])
+                    if value:  # adding a zero changes no bit of the sum
+                        loss += dtype(value)
+            else:
+                for i in range(start, end + 1):
+                    if hooks:
+                        for callback in hooks["before_forward"]:
+                            callback(i)
+                    loss += dtype(layers[i].Forward(bottoms[i], tops[i]))
+                    if self.debug_info:
+                        self._log_forward(i)
+                    if hooks:
+                        for callback in hooks["after_forward"]:
+                            callback(i)
         except NetlibError:
             raise
         except Exception as exc:
@@ -588,6 +603,10 @@ class Net:
     def backward_from_to(self, start=None, end=0):
         """Run layers ``start`` down to ``end`` (inclusive) backward."""
         start = len(self.layers) - 1 if start is None else start
+        if self._memory is not None:
+            raise ConfigError("backward on net %r with reuse_memory() on: the activations a backward "
+                              "reads were reused during the forward; call net.reuse_memory(False) and "
+                              "run the forward again" % self.name)
         i = start
         try:
             hooks = getattr(self, "_hooks", None)
@@ -655,7 +674,7 @@ class Net:
                                      "reshape the blob first" % (name, value.shape[0], target.shape[0],
                                                                  target.shape))
                 target.data[...] = self.xp.asarray(value)
-        self.forward_from_to(start_ind, end_ind)
+        self._forward_range(start_ind, end_ind, blobs)
         return {name: self.blobs[name].data for name in outputs}
 
     def backward(self, diffs=None, start=None, end=None, **kwargs):
@@ -770,6 +789,37 @@ class Net:
         """Propagate input shape changes through every layer."""
         for layer, bottoms, tops in zip(self.layers, self.bottom_vecs, self.top_vecs):
             layer.reshape(bottoms, tops)
+            layer.invalidate_reshape()
+
+    # -- memory ------------------------------------------------------------------------
+    def reuse_memory(self, enable=True, keep=()):
+        """Opt in to inference memory reuse (:mod:`netlib.memory` has the
+        contract): dead activations lend their buffers to later blobs.  After
+        ``forward()`` the outputs, ``keep`` names, blobs asked for by
+        ``forward(blobs=...)``, inputs and loss tops hold their values; other
+        blobs may not.  ``forward(start=...)`` and ``backward()`` raise
+        ConfigError while it is on; ``reuse_memory(False)`` turns it off."""
+        from .memory import MemoryReuse
+        if self._memory is not None:
+            self._memory.release()
+            self._memory = None
+            self.reshape()
+        if enable:
+            self._memory = MemoryReuse(self, keep)
+        return self
+
+    reusing_memory = property(lambda self: self._memory is not None, doc="True while reuse_memory() is on.")
+
+    def memory_estimate(self):
+        """Bytes needed for weights, activations (with and without reuse), diffs
+        and conv workspace, from the shapes (no forward): :func:`netlib.memory.estimate`."""
+        from .memory import estimate
+        return estimate(self)
+
+    def memory_usage(self):
+        """Bytes the buffers hold now, by kind: :func:`netlib.memory.measure`."""
+        from .memory import measure
+        return measure(self)
 
     def set_input_arrays(self, data, labels):
         """Feed the MemoryData first layer (pycaffe's set_input_arrays).

@@ -5,7 +5,7 @@ Commands::
     netlib train --solver S [--weights W1,W2 | --snapshot STATE] [--level L --stage a,b]
                  [--sigint_effect stop|snapshot|none] [--sighup_effect ...] [--gpu 0]
     netlib test  --model M --weights W [--iterations 50] [--level L --stage a,b]
-    netlib time  --model M [--iterations 50] [--phase TRAIN|TEST]
+    netlib time  --model M [--iterations 50] [--phase TRAIN|TEST] [--memory]
     netlib device_query
     netlib data mnist [--from DIR] [--out DIR]      # IDX files -> HDF5 for LeNet
     netlib data digits [--out DIR]                  # the bundled 8x8 digits -> HDF5
@@ -71,6 +71,8 @@ flags (--flag=value, --flag value or -flag value):
                   cannot be combined with --snapshot
   --snapshot      the solver state to resume training from
   --iterations    the number of iterations to run (test, time; default 50)
+  --memory        time: instead of timing, print the bytes the net needs (weights, activations
+                  with and without reuse, conv workspace) and what one reuse forward holds
   --phase         network phase (TRAIN or TEST); used by time (default TRAIN) and test (default TEST)
   --level         network level (default 0)
   --stage         comma-separated network stages
@@ -102,6 +104,7 @@ def _build_parser():
     p.add_argument("--weights", default="")
     p.add_argument("--snapshot", default="")
     p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--memory", action="store_true")
     p.add_argument("--phase", default="")
     p.add_argument("--level", type=int, default=0)
     p.add_argument("--stage", default="")
@@ -463,6 +466,8 @@ def cmd_time(args):
     select_device(args.gpu)
     phase = args.phase or "TRAIN"
     net = Net(args.model, phase, level=args.level, stages=args.stages)
+    if args.memory:
+        return _time_memory(net)
     log.info("Performing Forward")
     loss = net.forward_prefilled()
     log.info("Initial loss: %s", _g(loss))
@@ -512,6 +517,29 @@ def cmd_time(args):
     log.info("Average Forward-Backward: %s ms.", _g(total / it))
     log.info("Total Time: %s ms.", _g(total))
     log.info("*** Benchmark ends ***")
+    return 0
+
+
+def _time_memory(net):
+    """``time --memory``: the estimate (from shapes, before a forward), then
+    the buffers one forward with ``reuse_memory()`` holds and the peak RSS."""
+    from ..memory import format_estimate
+    log.info("Memory estimate (before any forward):")
+    for line in format_estimate(net.memory_estimate()):
+        log.info("  %s", line)
+    net.reuse_memory()
+    log.info("Performing Forward with reuse_memory()")
+    net.forward_prefilled()
+    used = net.memory_usage()
+    for key in ("weights", "activations", "workspace", "diffs"):
+        log.info("  %-20s %10.2f MiB held", key, used[key] / 2.0 ** 20)
+    try:
+        with open("/proc/self/status") as f:
+            peak = [l.split()[1] for l in f if l.startswith("VmHWM")]
+        if peak:
+            log.info("Peak resident memory (VmHWM): %.1f MiB", int(peak[0]) / 1024.0)
+    except OSError:  # not Linux
+        pass
     return 0
 
 
