@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from netlib.blob import Blob
 from netlib.errors import ConfigError, LayerError, ShapeError
 from netlib.layer import create_layer
-from netlib.builtin.common import reshape_top_shape
+from netlib.builtin.structural import reshape_top_shape
 from netlib.proto import caffe_pb2
 from netlib.testing import check_gradient
 

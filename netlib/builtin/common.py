@@ -1,9 +1,10 @@
 """Common (utility / structural) layers: the glue between the big layers.
 
-InnerProduct, Softmax, Split, Flatten, Reshape, Concat, Slice, Eltwise,
-Silence, Tile, Reduction, ArgMax, Crop, BatchReindex, Filter, Bias, Scale,
-Parameter and Embed, each with the semantics of BVLC Caffe's
-``src/caffe/layers/<name>_layer.cpp`` (checks, shapes, quirks).
+InnerProduct, Softmax, Reduction, ArgMax, Crop, BatchReindex, Filter, Bias,
+Scale, Parameter and Embed, each with the semantics of BVLC Caffe's
+``src/caffe/layers/<name>_layer.cpp`` (checks, shapes, quirks).  The
+structural layers (Split, Flatten, Reshape, Concat, Slice, Eltwise, Silence,
+Tile) live in :mod:`netlib.builtin.structural` and share these conventions.
 
 Conventions shared by every layer here:
 
@@ -12,13 +13,17 @@ Conventions shared by every layer here:
   dtype first, as Caffe stores them as ``Dtype``.
 * Bottom diffs are overwritten, parameter diffs accumulate (``+=``), except
   where a Caffe quirk says otherwise (Scale, documented there).
-* Layers that only re-view memory (Split, Flatten, Reshape, one-bottom
-  Concat, one-top Slice, Parameter) share buffers with ``share_data`` /
-  ``share_diff`` instead of copying, exactly where Caffe does.
+* Layers that only re-view memory (Parameter here; Split, Flatten, Reshape,
+  one-bottom Concat and one-top Slice in ``structural``) share buffers with
+  ``share_data`` / ``share_diff`` instead of copying, exactly where Caffe does.
+* Weight gradients accumulate inside one GEMM (:func:`gemm_accumulate`,
+  Caffe's ``caffe_cpu_gemm`` with beta = 1) instead of ``diff += a @ b``.
 * Errors go through ``self.fail`` (layer name, type and blob shapes):
   ``ShapeError`` for shapes a layer cannot take, ``ConfigError`` for
   inconsistent parameters, ``LayerError`` for bad values (indices).
 """
+import os
+
 import numpy
 
 from ..errors import ConfigError, ShapeError
@@ -58,6 +63,101 @@ def _index_add(xp, target, index, values):
             pass
     import cupyx  # pragma: no cover - GPU only
     cupyx.scatter_add(target, index, values)
+
+
+_CBLAS = {}
+
+
+def _cblas_gemm(dtype):
+    """NumPy's own CBLAS ``?gemm`` through ctypes, or None.
+
+    NumPy exposes no ``beta`` for matmul, so ``c += a @ b`` costs a temporary
+    the size of ``c`` and an extra pass over it; for a weight gradient
+    (CaffeNet fc6: 37.7M values) that is most of the backward.  The wheels
+    ship OpenBLAS (``numpy.libs/libscipy_openblas64_*``, symbols
+    ``scipy_cblas_?gemm64_``, 64-bit ints); when it cannot be found (other
+    builds, other platforms, ``NETLIB_NO_CBLAS=1``) this returns None and
+    the caller falls back to plain NumPy.
+    """
+    key = numpy.dtype(dtype).char
+    if key in _CBLAS:
+        return _CBLAS[key]
+    fn = None
+    if key in "fd" and not os.environ.get("NETLIB_NO_CBLAS"):
+        try:
+            import ctypes
+            import glob
+            base = os.path.dirname(os.path.abspath(numpy.__file__))
+            libs = []
+            for sub in ("numpy.libs", os.path.join("numpy", ".dylibs"), ".dylibs"):
+                libs += sorted(glob.glob(os.path.join(base, os.pardir, sub, "*openblas*"))
+                               + glob.glob(os.path.join(base, sub, "*openblas*")))
+            letter = "s" if key == "f" else "d"
+            real = ctypes.c_float if key == "f" else ctypes.c_double
+            for path in libs:
+                lib = ctypes.CDLL(path)
+                for sym, wide in (("scipy_cblas_%sgemm64_" % letter, True),
+                                  ("cblas_%sgemm64_" % letter, True),
+                                  ("scipy_cblas_%sgemm" % letter, False)):
+                    f = getattr(lib, sym, None)
+                    if f is None:
+                        continue
+                    i = ctypes.c_int64 if wide else ctypes.c_int
+                    e = ctypes.c_int
+                    f.argtypes = [e, e, e, i, i, i, real, ctypes.c_void_p, i, ctypes.c_void_p, i,
+                                  real, ctypes.c_void_p, i]
+                    f.restype = None
+                    fn = f
+                    break
+                if fn is not None:
+                    break
+        except (OSError, AttributeError, ImportError):  # pragma: no cover - other builds
+            fn = None
+    _CBLAS[key] = fn
+    return fn
+
+
+def _blas_operand(arr, item):
+    """(transposed, leading dimension) of a 2-D array BLAS can read in place, or None."""
+    s0, s1 = arr.strides
+    rows, cols = arr.shape
+    if s1 == item and s0 % item == 0 and s0 // item >= max(cols, 1):
+        return False, s0 // item
+    if s0 == item and s1 % item == 0 and s1 // item >= max(rows, 1):
+        return True, s1 // item
+    return None
+
+
+# Below this many outputs the temporary is cheap and NumPy's call overhead
+# (a few microseconds) is lower than the ctypes call's.
+_GEMM_MIN_SIZE = 1 << 14
+
+
+def gemm_accumulate(xp, a, b, c):
+    """``c += a @ b`` for 2-D arrays, as one GEMM with beta = 1 when it can.
+
+    ``a`` and ``b`` may be transposed views (no copy is made); ``c`` must be
+    C-contiguous and not overlap them.  On NumPy float32/float64 this calls
+    the BLAS NumPy links (see :func:`_cblas_gemm`): no temporary, one pass
+    over ``c``, the product accumulated in the BLAS as Caffe's
+    ``caffe_cpu_gemm(..., 1., diff)``.  Otherwise (CuPy, other dtypes, no
+    BLAS found, or ``c`` smaller than ``_GEMM_MIN_SIZE``) it is ``c += a @ b``.
+    """
+    fn = None
+    if (xp is numpy and c.size >= _GEMM_MIN_SIZE and a.dtype == b.dtype == c.dtype
+            and c.flags.c_contiguous and a.ndim == b.ndim == c.ndim == 2 and a.shape[1]):
+        fn = _cblas_gemm(c.dtype)
+    if fn is not None:
+        item = c.itemsize
+        oa, ob = _blas_operand(a, item), _blas_operand(b, item)
+        if oa is not None and ob is not None:
+            m, k = a.shape
+            n = b.shape[1]
+            fn(101, 112 if oa[0] else 111, 112 if ob[0] else 111, m, n, k, 1.0,
+               a.ctypes.data, oa[1], b.ctypes.data, ob[1], 1.0, c.ctypes.data, n)
+            return c
+    c += a @ b
+    return c
 
 
 def _no_backward_to(layer, propagate_down, bottom, indices, why):
@@ -130,17 +230,18 @@ class InnerProductLayer(Layer):
             y += self.blobs[1].data
 
     def backward(self, top, propagate_down, bottom):
+        xp = bottom[0].xp
         dy = top[0].diff.reshape(self.M, self.N)
         if self.param_propagate_down[0]:
             x = bottom[0].data.reshape(self.M, self.K)
+            dw = self.blobs[0].diff
             if self.transpose:
-                self.blobs[0].diff[...] += x.T @ dy
+                gemm_accumulate(xp, x.T, dy, dw)
             else:
-                self.blobs[0].diff[...] += dy.T @ x
+                gemm_accumulate(xp, dy.T, x, dw)
         if self.bias_term and self.param_propagate_down[1]:
             self.blobs[1].diff[...] += dy.sum(axis=0)
         if propagate_down[0]:
-            xp = bottom[0].xp
             w = self.blobs[0].data
             dx = bottom[0].diff.reshape(self.M, self.K)
             xp.matmul(dy, w.T if self.transpose else w, out=dx)
@@ -191,544 +292,8 @@ class SoftmaxLayer(Layer):
 
 
 # ---------------------------------------------------------------------------
-# Split / Flatten / Reshape (views)
+# Reduction / ArgMax / Crop
 # ---------------------------------------------------------------------------
-@register_layer("Split")
-class SplitLayer(Layer):
-    """One bottom to k tops that share its data (no copy).
-
-    Every top has the bottom's shape and *shares its data buffer*; each top
-    has its own diff.  Backward: bottom diff = sum of the top diffs (top 0 +
-    top 1, then the others in order, as Caffe).  In-place is refused.
-    The Net inserts these for blobs consumed by several layers.
-    """
-
-    exact_num_bottom_blobs = 1
-    min_top_blobs = 1
-
-    def reshape(self, bottom, top):
-        for i, t in enumerate(top):
-            if t is bottom[0]:
-                self.fail("Split does not allow in-place computation (top %d is the bottom)" % i,
-                          bottom=bottom)
-            t.reshape(bottom[0].shape)
-            t.share_data(bottom[0])
-
-    def forward(self, bottom, top):
-        pass  # the tops share the bottom's data
-
-    def backward(self, top, propagate_down, bottom):
-        if not propagate_down[0]:
-            return
-        xp = bottom[0].xp
-        dx = bottom[0].diff
-        if len(top) == 1:
-            dx[...] = top[0].diff
-            return
-        xp.add(top[0].diff, top[1].diff, out=dx)
-        for t in top[2:]:
-            dx += t.diff
-
-
-@register_layer("Flatten")
-class FlattenLayer(Layer):
-    """Merge axes ``axis..end_axis`` (defaults 1 and -1) into one.
-
-    Top shape: ``shape[:axis] + (count(axis, end_axis+1),) + shape[end_axis+1:]``.
-    The top shares the bottom's data *and* diff (no copy, no work in
-    forward/backward).  In-place is refused, as in Caffe.
-    """
-
-    exact_num_bottom_blobs = 1
-    exact_num_top_blobs = 1
-
-    def reshape(self, bottom, top):
-        if top[0] is bottom[0]:
-            self.fail("Flatten does not allow in-place computation", bottom=bottom)
-        p = self.layer_param.flatten_param
-        b = bottom[0]
-        start = _canonical_axis(self, b, p.axis, bottom)
-        end = _canonical_axis(self, b, p.end_axis, bottom, what="end_axis")
-        if end < start:
-            self.fail("end_axis %d comes before axis %d" % (p.end_axis, p.axis), bottom=bottom,
-                      error=ShapeError)
-        shape = b.shape
-        new = tuple(shape[:start]) + (b.count_axes(start, end + 1),) + tuple(shape[end + 1:])
-        top[0].reshape(new)
-        top[0].share_data(b)
-        top[0].share_diff(b)
-
-    def forward(self, bottom, top):
-        pass
-
-    def backward(self, top, propagate_down, bottom):
-        pass  # diff is shared
-
-
-def reshape_top_shape(bottom_shape, new_dims, axis=0, num_axes=-1):
-    """Caffe's ReshapeLayer shape rule; returns the top shape or raises ValueError.
-
-    ``new_dims`` replaces ``bottom_shape[start:end]`` where start = axis
-    (negative: counted from the end, -1 meaning *after* the last axis) and
-    end = start + num_axes (-1: to the end).  In ``new_dims`` a 0 copies the
-    bottom dim at the same position (relative to start) and a single -1 is
-    inferred from the count.
-    """
-    bottom_shape = tuple(int(d) for d in bottom_shape)
-    nb = len(bottom_shape)
-    new_dims = [int(d) for d in new_dims]
-    copy_axes, inferred, constant = [], -1, 1
-    for i, d in enumerate(new_dims):
-        if d == 0:
-            copy_axes.append(i)
-        elif d == -1:
-            if inferred != -1:
-                raise ValueError("new shape contains multiple -1 dims; at most a single (1) "
-                                 "value of -1 may be specified")
-            inferred = i
-        elif d < -1:
-            raise ValueError("new shape dim %d is %d; dims must be positive, 0 (copy) or -1 (infer)"
-                             % (i, d))
-        else:
-            constant *= d
-    start = axis if axis >= 0 else nb + axis + 1
-    if start < 0 or start > nb:
-        raise ValueError("axis %d out of range for a %d-D input blob" % (axis, nb))
-    if num_axes < -1:
-        raise ValueError("num_axes must be >= 0, or -1 for all")
-    end = nb if num_axes == -1 else start + num_axes
-    if end > nb:
-        raise ValueError("end_axis = axis + num_axes = %d is out of range for a %d-D input blob"
-                         % (end, nb))
-    top = list(bottom_shape[:start]) + new_dims + list(bottom_shape[end:])
-    for i in copy_axes:
-        if start + i >= nb:
-            raise ValueError("new shape contains a 0 at position %d, but there was no "
-                             "corresponding bottom axis to copy" % i)
-        top[start + i] = bottom_shape[start + i]
-    count = _prod(bottom_shape)
-    if inferred >= 0:
-        explicit = constant * _prod(bottom_shape[:start]) * _prod(bottom_shape[end:])
-        for i in copy_axes:
-            explicit *= top[start + i]
-        if explicit == 0 or count % explicit:
-            raise ValueError("bottom count (%d) must be divisible by the product of the "
-                             "specified dimensions (%d)" % (count, explicit))
-        top[start + inferred] = count // explicit
-    if _prod(top) != count:
-        raise ValueError("output count must match input count: %s has %d elements, the input "
-                         "%d" % (tuple(top), _prod(top), count))
-    return tuple(top)
-
-
-@register_layer("Reshape")
-class ReshapeLayer(Layer):
-    """Change the shape without touching the data (shares data and diff).
-
-    ``reshape_param``: shape (0 = copy the bottom dim at that position, one -1
-    = infer from the count), axis (0) and num_axes (-1 = all) select the
-    replaced range of bottom axes.  Examples (bottom (2, 3, 4, 5)):
-    ``shape {dim: 0 dim: -1 dim: 4}`` gives (2, 15, 4); ``axis: 1 num_axes: 0
-    shape {dim: 1}`` inserts an axis: (2, 1, 3, 4, 5); ``axis: -1 shape {dim:
-    1}`` appends one: (2, 3, 4, 5, 1).  Errors (ConfigError / ShapeError):
-    more than one -1, a 0 with no bottom axis, count mismatch.  In-place is
-    refused.
-    """
-
-    exact_num_bottom_blobs = 1
-    exact_num_top_blobs = 1
-
-    def setup(self, bottom, top):
-        if top[0] is bottom[0]:
-            self.fail("Reshape does not allow in-place computation", bottom=bottom)
-        dims = list(self.layer_param.reshape_param.shape.dim)
-        if sum(1 for d in dims if d == -1) > 1:
-            self.fail("new shape %s contains multiple -1 dims; at most a single (1) value of -1 "
-                      "may be specified" % dims, bottom=bottom, error=ConfigError)
-
-    def reshape(self, bottom, top):
-        p = self.layer_param.reshape_param
-        try:
-            shape = reshape_top_shape(bottom[0].shape, p.shape.dim, p.axis, p.num_axes)
-        except ValueError as exc:
-            self.fail("cannot reshape to %s (axis %d, num_axes %d): %s"
-                      % (list(p.shape.dim), p.axis, p.num_axes, exc), bottom=bottom,
-                      error=ShapeError)
-        top[0].reshape(shape)
-        top[0].share_data(bottom[0])
-        top[0].share_diff(bottom[0])
-
-    def forward(self, bottom, top):
-        pass
-
-    def backward(self, top, propagate_down, bottom):
-        pass  # diff is shared
-
-
-# ---------------------------------------------------------------------------
-# Concat / Slice
-# ---------------------------------------------------------------------------
-@register_layer("Concat")
-class ConcatLayer(Layer):
-    """Concatenate bottoms along ``concat_param.axis`` (1; legacy concat_dim).
-
-    All bottoms need the same number of axes and equal dims except on the
-    concat axis (ShapeError naming every bottom shape otherwise).  Top: the
-    common shape with the summed concat dim.  Backward copies each slice of
-    the top diff back.  With a single bottom the top shares its data and
-    diff (Caffe).
-    """
-
-    min_bottom_blobs = 1
-    exact_num_top_blobs = 1
-
-    def setup(self, bottom, top):
-        p = self.layer_param.concat_param
-        if p.HasField("axis") and p.HasField("concat_dim"):
-            self.fail("either axis or concat_dim should be specified; not both", error=ConfigError)
-
-    def reshape(self, bottom, top):
-        p = self.layer_param.concat_param
-        b0 = bottom[0]
-        nd = b0.ndim
-        if p.HasField("concat_dim"):
-            axis = int(p.concat_dim)
-            if axis >= nd:
-                self.fail("concat_dim %d out of range for %d-D bottoms" % (axis, nd),
-                          bottom=bottom, error=ShapeError)
-        else:
-            axis = _canonical_axis(self, b0, p.axis, bottom)
-        shape = list(b0.shape)
-        for i, b in enumerate(bottom[1:], 1):
-            if b.ndim != nd:
-                self.fail("all inputs must have the same number of axes (bottom 0 has %d, "
-                          "bottom %d has %d)" % (nd, i, b.ndim), bottom=bottom, error=ShapeError)
-            for j in range(nd):
-                if j != axis and b.shape[j] != shape[j]:
-                    self.fail("all inputs must have the same shape, except at concat axis %d "
-                              "(bottom %d differs at axis %d)" % (axis, i, j),
-                              bottom=bottom, error=ShapeError)
-            shape[axis] += b.shape[axis]
-        self.axis = axis
-        self.outer = b0.count_axes(0, axis)
-        self.inner = b0.count_axes(axis + 1)
-        top[0].reshape(shape)
-        if len(bottom) == 1:
-            top[0].share_data(b0)
-            top[0].share_diff(b0)
-
-    def _views(self, blobs, which):
-        return [getattr(b, which).reshape(self.outer, b.shape[self.axis], self.inner) for b in blobs]
-
-    def forward(self, bottom, top):
-        if len(bottom) == 1:
-            return
-        y = top[0].data.reshape(self.outer, top[0].shape[self.axis], self.inner)
-        off = 0
-        for x in self._views(bottom, "data"):
-            n = x.shape[1]
-            y[:, off:off + n, :] = x
-            off += n
-
-    def backward(self, top, propagate_down, bottom):
-        if len(bottom) == 1:
-            return
-        dy = top[0].diff.reshape(self.outer, top[0].shape[self.axis], self.inner)
-        off = 0
-        for i, b in enumerate(bottom):
-            n = b.shape[self.axis]
-            if propagate_down[i]:
-                b.diff.reshape(self.outer, n, self.inner)[...] = dy[:, off:off + n, :]
-            off += n
-
-
-@register_layer("Slice")
-class SliceLayer(Layer):
-    """Split the bottom along ``slice_param.axis`` (1; legacy slice_dim).
-
-    With ``slice_point`` (k-1 increasing points for k tops) top i gets
-    ``[point[i-1], point[i])``; with none the axis is split equally (it must
-    divide by the number of tops).  Backward copies the top diffs back.  With
-    a single top it shares the bottom's data and diff (Caffe).
-    """
-
-    exact_num_bottom_blobs = 1
-    min_top_blobs = 1
-
-    def setup(self, bottom, top):
-        p = self.layer_param.slice_param
-        if p.HasField("axis") and p.HasField("slice_dim"):
-            self.fail("either axis or slice_dim should be specified; not both", error=ConfigError)
-        self.slice_points = [int(s) for s in p.slice_point]
-
-    def reshape(self, bottom, top):
-        p = self.layer_param.slice_param
-        b = bottom[0]
-        if p.HasField("slice_dim"):
-            axis = int(p.slice_dim)
-            if axis >= b.ndim:
-                self.fail("slice_dim %d out of range for a %d-D bottom" % (axis, b.ndim),
-                          bottom=bottom, error=ShapeError)
-        else:
-            axis = _canonical_axis(self, b, p.axis, bottom)
-        dim = b.shape[axis]
-        ntop = len(top)
-        if self.slice_points:
-            if len(self.slice_points) != ntop - 1:
-                self.fail("%d slice_point(s) given for %d tops (need one fewer than the tops)"
-                          % (len(self.slice_points), ntop), bottom=bottom, error=ConfigError)
-            if ntop > dim:
-                self.fail("%d tops cannot slice an axis of size %d" % (ntop, dim),
-                          bottom=bottom, error=ShapeError)
-            sizes, prev = [], 0
-            for s in self.slice_points:
-                if s <= prev:
-                    self.fail("slice points must be positive and strictly increasing, got %s"
-                              % self.slice_points, bottom=bottom, error=ConfigError)
-                sizes.append(s - prev)
-                prev = s
-            if prev > dim:  # prev == dim leaves an empty last top, as in Caffe
-                self.fail("slice point %d is beyond the slice axis (size %d)" % (prev, dim),
-                          bottom=bottom, error=ShapeError)
-            sizes.append(dim - prev)
-        else:
-            if dim % ntop:
-                self.fail("number of top blobs (%d) should evenly divide input slice axis (%d)"
-                          % (ntop, dim), bottom=bottom, error=ShapeError)
-            sizes = [dim // ntop] * ntop
-        self.axis, self.sizes = axis, sizes
-        self.outer = b.count_axes(0, axis)
-        self.inner = b.count_axes(axis + 1)
-        shape = list(b.shape)
-        for t, n in zip(top, sizes):
-            shape[axis] = n
-            t.reshape(shape)
-        if ntop == 1:
-            top[0].share_data(b)
-            top[0].share_diff(b)
-
-    def forward(self, bottom, top):
-        if len(top) == 1:
-            return
-        x = bottom[0].data.reshape(self.outer, bottom[0].shape[self.axis], self.inner)
-        off = 0
-        for t, n in zip(top, self.sizes):
-            t.data.reshape(self.outer, n, self.inner)[...] = x[:, off:off + n, :]
-            off += n
-
-    def backward(self, top, propagate_down, bottom):
-        if not propagate_down[0] or len(top) == 1:
-            return
-        dx = bottom[0].diff.reshape(self.outer, bottom[0].shape[self.axis], self.inner)
-        off = 0
-        for t, n in zip(top, self.sizes):
-            dx[:, off:off + n, :] = t.diff.reshape(self.outer, n, self.inner)
-            off += n
-
-
-# ---------------------------------------------------------------------------
-# Eltwise
-# ---------------------------------------------------------------------------
-_ELT = caffe_pb2.EltwiseParameter
-
-
-@register_layer("Eltwise")
-class EltwiseLayer(Layer):
-    """Element-wise PROD, SUM (default, with ``coeff``) or MAX of >= 2 bottoms.
-
-    All bottoms must have identical shapes (ShapeError naming every shape).
-    * SUM: ``y = sum_i coeff_i * x_i`` (coeff: none or one per bottom);
-      dx_i = coeff_i * dy.
-    * PROD: ``y = prod x_i``; dx_i = dy * prod_{j != i} x_j with
-      ``stable_prod_grad`` (default), else dy * y / x_i (Caffe's unstable
-      form: inf/nan where x_i == 0).
-    * MAX: Caffe's routing: between bottoms 0 and 1 bottom 0 wins only if
-      strictly greater (ties go to bottom 1); a later bottom k takes over only
-      if strictly greater than the running max.  Backward sends dy to the
-      winner, 0 elsewhere.
-    In place (top == bottom 0) the original bottom 0 is kept for backward
-    (Caffe would read the overwritten values).
-    """
-
-    min_bottom_blobs = 2
-    exact_num_top_blobs = 1
-
-    def setup(self, bottom, top):
-        p = self.layer_param.eltwise_param
-        self.op = p.operation
-        coeffs = list(p.coeff)
-        if self.op == _ELT.PROD and coeffs:
-            self.fail("Eltwise only takes coefficients for summation (operation SUM)",
-                      error=ConfigError)
-        if coeffs and len(coeffs) != len(bottom):
-            self.fail("Eltwise takes one coefficient per bottom blob (%d coeff for %d bottoms)"
-                      % (len(coeffs), len(bottom)), bottom=bottom, error=ConfigError)
-        self.coeffs = [self.dtype.type(c) for c in coeffs] or [self.dtype.type(1)] * len(bottom)
-        self.stable_prod_grad = bool(p.stable_prod_grad)
-        self._mask = None
-        self._saved0 = None
-
-    def reshape(self, bottom, top):
-        s0 = bottom[0].shape
-        for b in bottom[1:]:
-            if b.shape != s0:
-                self.fail("all bottoms must have the same shape", bottom=bottom, error=ShapeError)
-        if top[0] is not bottom[0]:
-            top[0].reshape(s0)
-        if self.op == _ELT.MAX:
-            xp = bottom[0].xp
-            if self._mask is None or self._mask.shape != s0:
-                self._mask = xp.zeros(s0, dtype=numpy.int32)
-
-    def forward(self, bottom, top):
-        xp = bottom[0].xp
-        in_place = top[0] is bottom[0]
-        if in_place:
-            x0 = bottom[0].data
-            if self._saved0 is None or self._saved0.shape != x0.shape:
-                self._saved0 = x0.copy()
-            else:
-                self._saved0[...] = x0
-        xs = [self._saved0 if (in_place and i == 0) else b.data for i, b in enumerate(bottom)]
-        y = top[0].data
-        if self.op == _ELT.PROD:
-            xp.multiply(xs[0], xs[1], out=y)
-            for x in xs[2:]:
-                y *= x
-        elif self.op == _ELT.SUM:
-            c = self.coeffs
-            if c[0] == 1:
-                y[...] = xs[0]
-            else:
-                xp.multiply(xs[0], c[0], out=y)
-            for ci, x in zip(c[1:], xs[1:]):
-                if ci == 1:
-                    y += x
-                else:
-                    y += ci * x
-        else:
-            # Caffe: y = a > b ? a : b, then y = x_k > y ? x_k : y.  Without
-            # NaNs that is the element-wise maximum (the fast SIMD path; equal
-            # values can differ only in the sign of a zero); with NaNs the
-            # selects are done literally so NaNs propagate as in Caffe.
-            mask = self._mask
-            win = xp.greater(xs[0], xs[1])
-            xp.logical_not(win, out=mask)  # 0 where bottom 0 wins, else 1
-            xp.maximum(xs[0], xs[1], out=y)
-            literal = bool(xp.isnan(y).any())
-            if literal:
-                y[...] = xp.where(win, xs[0], xs[1])
-            for k, x in enumerate(xs[2:], 2):
-                better = xp.greater(x, y, out=win)
-                xp.copyto(mask, k, where=better)
-                if literal or bool(xp.isnan(x).any()):
-                    literal = True
-                    y[...] = xp.where(better, x, y)
-                else:
-                    xp.maximum(y, x, out=y)
-
-    def backward(self, top, propagate_down, bottom):
-        xp = top[0].xp
-        in_place = top[0] is bottom[0]
-        dy = top[0].diff
-        y = top[0].data
-        xs = [self._saved0 if (in_place and i == 0) else b.data for i, b in enumerate(bottom)]
-        # When in place, bottom 0's diff is the top diff: write it last.
-        order = list(range(1, len(bottom))) + [0]
-        for i in order:
-            if not propagate_down[i]:
-                continue
-            dx = bottom[i].diff
-            if self.op == _ELT.PROD:
-                if self.stable_prod_grad:
-                    others = [x for j, x in enumerate(xs) if j != i]
-                    g = others[0].copy()
-                    for x in others[1:]:
-                        g *= x
-                else:
-                    with numpy.errstate(divide="ignore", invalid="ignore"):
-                        g = y / xs[i]
-                xp.multiply(g, dy, out=dx)
-            elif self.op == _ELT.SUM:
-                c = self.coeffs[i]
-                if c == 1:
-                    if bottom[i] is not top[0]:
-                        dx[...] = dy
-                else:
-                    xp.multiply(dy, c, out=dx)
-            else:
-                # dy where bottom i won, else 0 (dy * False is -0.0 for a
-                # negative dy: equal to Caffe's 0 in value).
-                xp.multiply(dy, self._mask == i, out=dx)
-
-
-# ---------------------------------------------------------------------------
-# Silence
-# ---------------------------------------------------------------------------
-@register_layer("Silence")
-class SilenceLayer(Layer):
-    """Consumes any number of bottoms and produces nothing.
-
-    Keeps unused blobs from becoming net outputs.  Backward writes zeros to
-    every bottom diff that propagates.
-    """
-
-    min_bottom_blobs = 1
-    exact_num_top_blobs = 0
-
-    def reshape(self, bottom, top):
-        pass
-
-    def forward(self, bottom, top):
-        pass
-
-    def backward(self, top, propagate_down, bottom):
-        for b, p in zip(bottom, propagate_down):
-            if p:
-                b.diff[...] = 0
-
-
-# ---------------------------------------------------------------------------
-# Tile / Reduction / ArgMax / Crop
-# ---------------------------------------------------------------------------
-@register_layer("Tile")
-class TileLayer(Layer):
-    """Repeat the bottom ``tiles`` times along ``tile_param.axis`` (1).
-
-    Top: the axis dim multiplied by tiles; each block of
-    ``count(axis:)`` values is repeated (numpy.tile along the axis).
-    Backward: the sum of the tile diffs.
-    """
-
-    exact_num_bottom_blobs = 1
-    exact_num_top_blobs = 1
-
-    def reshape(self, bottom, top):
-        p = self.layer_param.tile_param
-        axis = _canonical_axis(self, bottom[0], p.axis, bottom)
-        if not p.HasField("tiles"):
-            self.fail("number of tiles must be specified (tile_param.tiles)", error=ConfigError)
-        if p.tiles <= 0:
-            self.fail("number of tiles must be positive, got %d" % p.tiles, error=ConfigError)
-        self.tiles = int(p.tiles)
-        shape = list(bottom[0].shape)
-        shape[axis] *= self.tiles
-        top[0].reshape(shape)
-        self.outer = bottom[0].count_axes(0, axis)
-        self.inner = bottom[0].count_axes(axis)
-
-    def forward(self, bottom, top):
-        top[0].data.reshape(self.outer, self.tiles, self.inner)[...] = \
-            bottom[0].data.reshape(self.outer, 1, self.inner)
-
-    def backward(self, top, propagate_down, bottom):
-        if not propagate_down[0]:
-            return
-        xp = top[0].xp
-        xp.sum(top[0].diff.reshape(self.outer, self.tiles, self.inner), axis=1,
-               out=bottom[0].diff.reshape(self.outer, self.inner))
-
-
 _RED = caffe_pb2.ReductionParameter
 
 
@@ -1091,6 +656,27 @@ def _broadcast_dims(layer, bottom, operand, axis_param, what):
     return b0.count_axes(0, axis), operand.count, b0.count_axes(axis + operand.ndim)
 
 
+def _outer_inner_sum(owner, xp, a, b=None):
+    """sum over axes 0 and 2 of an (outer, dim, inner) array, or of ``a * b``.
+
+    Row sums first (a matrix-vector product with ones, Caffe's gemv with its
+    bias/sum multiplier; or row-wise dot products for ``a * b``), then the
+    sum over ``outer``: no temporary of a's size, and faster than a reduction
+    over two non-adjacent axes."""
+    outer, dim, inner = a.shape
+    rows = a.reshape(outer * dim, inner)
+    if b is not None:
+        per = xp.einsum("ij,ij->i", rows, b.reshape(outer * dim, inner))
+    elif inner == 1:
+        per = rows.reshape(-1)
+    else:
+        ones = getattr(owner, "_ones", None)
+        if ones is None or ones.shape != (inner,) or ones.dtype != a.dtype:
+            ones = owner._ones = xp.ones(inner, dtype=a.dtype)
+        per = xp.matmul(rows, ones)
+    return per.reshape(outer, dim).sum(axis=0)
+
+
 @register_layer("Bias")
 class BiasLayer(Layer):
     """``y = x + b`` with b broadcast over bottom 0 from ``bias_param.axis`` (1).
@@ -1135,7 +721,7 @@ class BiasLayer(Layer):
             bottom[0].diff[...] = top[0].diff
         learned = len(bottom) == 1
         if (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1]):
-            g = top[0].diff.reshape(self.dims).sum(axis=(0, 2))
+            g = _outer_inner_sum(self, top[0].xp, top[0].diff.reshape(self.dims))
             target = self._bias(bottom).diff.reshape(-1)
             if learned:
                 target += g
@@ -1154,7 +740,9 @@ class ScaleLayer(Layer):
     number of axes with two bottoms), filled by ``bias_filler`` (default 0);
     the bias blob is the last of ``blobs``.
     Backward: dx = dy * s; ds = sum(dy * x) over outer/inner axes.  In place
-    the bottom is copied before forward (Caffe's temp_).
+    the bottom is copied before forward (Caffe's temp_), unless no scale
+    gradient can be asked for (the Net marks the layer need_backward False,
+    or the learned scale has lr_mult 0).
 
     Caffe quirk kept: the *learned* scale's gradient overwrites its diff
     instead of accumulating when bottom 0 and s have the same count, or when
@@ -1205,15 +793,29 @@ class ScaleLayer(Layer):
     def forward(self, bottom, top):
         xp = bottom[0].xp
         x = bottom[0].data
-        if top[0] is bottom[0]:
+        self._saved_valid = False
+        if top[0] is bottom[0] and self._needs_input_copy(bottom):
             if self._saved is None or self._saved.shape != x.shape:
                 self._saved = x.copy()
             else:
                 self._saved[...] = x
+            self._saved_valid = True
         s = self._scale(bottom).data.reshape(1, self.dims[1], 1)
         xp.multiply(x.reshape(self.dims), s, out=top[0].data.reshape(self.dims))
         if self.bias_layer is not None:
             self.bias_layer.forward([top[0]], top)
+
+    def _needs_input_copy(self, bottom):
+        """In place, the input is copied only when a scale gradient can be asked
+        for: the Net says the layer runs backward, and the scale is bottom 1 or
+        a learned blob with a gradient (lr_mult != 0).  Inference nets and
+        frozen scales skip the copy."""
+        if not getattr(self, "need_backward", True):
+            return False
+        if len(bottom) > 1:
+            return True
+        ppd = self.param_propagate_down
+        return not ppd or bool(ppd[0])
 
     def backward(self, top, propagate_down, bottom):
         if self.bias_layer is not None and self.param_propagate_down[-1]:
@@ -1224,8 +826,11 @@ class ScaleLayer(Layer):
         dy = top[0].diff.reshape(self.dims)
         if (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1]):
             xp = top[0].xp
+            if top[0] is bottom[0] and not getattr(self, "_saved_valid", False):
+                self.fail("the scale gradient needs the input, which in-place forward did not keep "
+                          "(need_backward or param_propagate_down changed after forward)", bottom=bottom)
             x = (self._saved if top[0] is bottom[0] else bottom[0].data).reshape(self.dims)
-            g = xp.einsum("odi,odi->d", dy, x)
+            g = _outer_inner_sum(self, xp, dy, x)
             target = scale.diff.reshape(-1)
             overwrite = (not learned or bottom[0].count == scale.count
                          or (outer == 1 and inner > 1 and dim > 1))

@@ -150,7 +150,10 @@ class ReLULayer(NeuronLayer):
         x, dy, dx = bottom[0].data, top[0].diff, bottom[0].diff
         ns = self.negative_slope
         if ns == 0:
-            xp.multiply(dy, x > 0, out=dx)
+            # the mask goes to a reused boolean scratch array (no allocation per call)
+            mask = scratch(xp, x.shape, numpy.bool_)
+            xp.greater(x, 0, out=mask)
+            xp.multiply(dy, mask, out=dx)
             return
         s = self._work(bottom[0])
         xp.greater(x, 0, out=s)  # 1 where x > 0, else 0
@@ -210,7 +213,8 @@ class TanHLayer(NeuronLayer):
 class DropoutLayer(NeuronLayer):
     """Dropout (``dropout_param.dropout_ratio`` p, default 0.5).
 
-    TRAIN: mask ~ Bernoulli(1 - p) drawn from ``netlib.random.get_rng()``;
+    TRAIN: mask ~ Bernoulli(1 - p) drawn from ``netlib.random.get_rng()``
+    (uniforms of the layer dtype compared with 1 - p);
     top = x * mask * 1/(1 - p) (Caffe scales at train time); backward uses
     the same mask.  TEST: identity in both directions.
     Caffe only DCHECKs 0 < p < 1; netlib refuses p outside [0, 1).
@@ -232,11 +236,16 @@ class DropoutLayer(NeuronLayer):
                 y[...] = x
             return
         xp = bottom[0].xp
-        keep = get_rng().random(x.shape) < (1.0 - self.threshold)
         mask = self._mask
         if mask is None or mask.shape != x.shape or mask.dtype != x.dtype:
             mask = self._mask = xp.empty(x.shape, dtype=x.dtype)
-        mask[...] = xp.asarray(keep)
+        # Uniform draws in the layer dtype straight into the mask buffer, then
+        # mask = (u < 1 - p) * scale in place: no float64 or boolean temporaries.
+        if xp is numpy and mask.dtype in (numpy.float32, numpy.float64):
+            get_rng().random(dtype=mask.dtype, out=mask)
+        else:
+            mask[...] = xp.asarray(get_rng().random(x.shape, dtype=numpy.float32))
+        xp.less(mask, self._scalar(1.0 - self.threshold), out=mask)
         mask *= self._scalar(self.scale)
         xp.multiply(x, mask, out=y)
 

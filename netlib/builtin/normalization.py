@@ -18,7 +18,10 @@ LRN (``lrn_param``: local_size 5 (odd), alpha 1, beta 0.75, norm_region, k 1)
     zero-padded buffer), never over channels or pixels.  In place works: the
     bottom values are kept (copied) when the top is the same blob; the
     backward reads only the bottom values and the stored scale, so a later
-    in-place layer that changes the top does not corrupt the gradient.
+    in-place layer that changes the top does not corrupt the gradient.  As
+    in Caffe only the scale is kept; ``scale^-beta`` is recomputed in
+    backward, and the per-call work arrays come from the shared scratch
+    pool (:func:`netlib.builtin.neuron.scratch`), so no call allocates.
 
 BatchNorm (``batch_norm_param``: use_global_stats (default: phase == TEST),
 moving_average_fraction 0.999, eps 1e-5)
@@ -40,6 +43,12 @@ moving_average_fraction 0.999, eps 1e-5)
       to the layer parameter for each blob without a ParamSpec); a ParamSpec with a
       non-zero lr_mult is a ConfigError naming the layer.  ``param_propagate_down``
       is False for all three.  In place is allowed.
+    * Work per TRAIN pass: the channel sums are matrix-vector products with
+      ones / row-wise dot products (no temporaries of the bottom's size);
+      the centred values ``x - mu`` are kept (in place: one kept buffer,
+      else they are the top until divided) and backward uses
+      ``dx = (dy - mean(dy) - mean(dy*(x-mu)) * (x-mu) / (var+eps)) / sqrt(var+eps)``,
+      Caffe's formula with ``y = (x-mu)/sqrt(var+eps)`` substituted.
 
 MVN (``mvn_param``: normalize_variance true, across_channels false, eps 1e-9)
     Statistics per (n, c) over the trailing axes, or per n over ``C*H*W``
@@ -67,6 +76,7 @@ Im2col (``convolution_param``: kernel/stride/pad/dilation, axis)
 from ..errors import ConfigError, ShapeError
 from ..im2col import col2im, geometry, im2col
 from ..layer import Layer, register_layer
+from .neuron import scratch
 from .pooling import PoolingLayer
 
 
@@ -137,15 +147,18 @@ class LRNLayer(Layer):
         else:
             self._x_copy = None
         if self.across:
-            # scale = k + alpha/n * sum over the zero-padded channel window
+            # scale = k + sum over the zero-padded channel window of (alpha/n) x^2
+            # (Caffe adds alpha_over_size * x^2 terms to k): the window sum is
+            # n - 1 adds of shifted views, written into the kept scale buffer.
             padded = _buffer(self, "_padded", (N, C + n - 1, H, W), x.dtype, xp, zero=True)
-            xp.multiply(x, x, out=padded[:, pp:pp + C])
+            sq = padded[:, pp:pp + C]
+            xp.multiply(x, x, out=sq)
+            sq *= dt(self.alpha) / dt(n)
             scale = _buffer(self, "_scale", x.shape, x.dtype, xp)
-            scale.fill(dt(self.k))
-            a = dt(self.alpha) / dt(n)
-            for i in range(n):
-                scale += a * padded[:, i:i + C]
-            power = xp.power(scale, dt(-self.beta))
+            self._window_sum(padded, C, scale, xp)
+            scale += dt(self.k)
+            power = scratch(xp, x.shape, x.dtype)
+            xp.power(scale, dt(-self.beta), out=power)
         else:
             # P = 1 + alpha * AVEpool_{n x n, pad (n-1)/2, stride 1}(x^2); k ignored.
             padded = _buffer(self, "_padded", (N, C, H + n - 1, W + n - 1), x.dtype, xp,
@@ -158,6 +171,17 @@ class LRNLayer(Layer):
             power = _buffer(self, "_power", x.shape, x.dtype, xp)
             xp.power(scale, dt(-self.beta), out=power)
         xp.multiply(x, power, out=top[0].data)
+
+    def _window_sum(self, padded, C, out, xp):
+        """out = sum_{i < n} padded[:, i:i + C] (the channel window, n - 1 passes)."""
+        n = self.size
+        if n == 1:
+            out[...] = padded[:, 0:C]
+            return out
+        xp.add(padded[:, 0:C], padded[:, 1:1 + C], out=out)
+        for i in range(2, n):
+            out += padded[:, i:i + C]
+        return out
 
     def _box(self, padded, H, W, xp):
         """Sum over the n x n window (separable: n row offsets, then n column offsets)."""
@@ -183,19 +207,22 @@ class LRNLayer(Layer):
         scale = self._scale
         if self.across:
             # dx = scale^-beta dy - 2 alpha beta / n * x * sum_window(dy * y / scale)
-            # with y / scale = x * scale^(-beta-1).
-            power = xp.power(scale, dt(-self.beta))
+            # with y / scale = x * scale^(-beta-1).  As Caffe, scale^-beta is
+            # recomputed from the kept scale (no second kept buffer).  In
+            # place dx is dy: dy is read (the ratio) before dx is written.
+            power = scratch(xp, x.shape, x.dtype, 0)
+            xp.power(scale, dt(-self.beta), out=power)
             padded = self._padded
             ratio = padded[:, pp:pp + C]
             xp.multiply(dy, x, out=ratio)
             ratio *= power
             ratio /= scale
-            accum = padded[:, 0:C].copy()
-            for i in range(1, n):
-                accum += padded[:, i:i + C]
-            dx = power * dy
-            dx -= (dt(2) * dt(self.alpha) * dt(self.beta) / dt(n)) * x * accum
-            bottom[0].diff[...] = dx
+            accum = self._window_sum(padded, C, scratch(xp, x.shape, x.dtype, 1), xp)
+            accum *= x
+            accum *= dt(2) * dt(self.alpha) * dt(self.beta) / dt(n)
+            dx = bottom[0].diff
+            xp.multiply(power, dy, out=dx)
+            dx -= accum
         else:
             power = self._power
             # Eltwise PROD -> Power(-beta, alpha, 1) -> AVE pool -> Power(2) -> Split.
@@ -251,7 +278,7 @@ class BatchNormLayer(Layer):
                           "(param %d has lr_mult %g; it must be 0 or absent)"
                           % (i, params[i].lr_mult), bottom=bottom, error=ConfigError)
         self.param_propagate_down = [False] * len(self.blobs)
-        self._y_copy = None
+        self._z = None
 
     def reshape(self, bottom, top):
         b = bottom[0]
@@ -265,39 +292,57 @@ class BatchNormLayer(Layer):
         n = arr.shape[0] if arr.ndim else 1
         return arr.reshape(n, self.channels, -1)
 
+    def _channel_sum(self, a, xp, b=None):
+        """Per-channel sum over N and the trailing axes of an (N, C, S) array
+        (of ``a * b`` when ``b`` is given), without a temporary of a's size:
+        a matrix-vector product with ones (Caffe's gemv with its
+        spatial_sum_multiplier) or a row-wise dot product, then the sum over N."""
+        n, c, sp = a.shape
+        rows = a.reshape(n * c, sp)
+        if b is None:
+            ones = getattr(self, "_ones", None)
+            if ones is None or ones.shape != (sp,) or ones.dtype != a.dtype:
+                ones = self._ones = xp.ones(sp, dtype=a.dtype)
+            per = xp.matmul(rows, ones)
+        else:
+            per = xp.einsum("ij,ij->i", rows, b.reshape(n * c, sp))
+        return per.reshape(n, c).sum(axis=0)
+
     def forward(self, bottom, top):
         xp = bottom[0].xp
         x = self._view(bottom[0].data)
         y = self._view(top[0].data)
         dt = x.dtype.type
         mean_sum, var_sum, sf = (bl.data for bl in self.blobs[:3])
+        m = x.shape[0] * x.shape[2]
         if self.use_global_stats:
             s = sf.reshape(-1)[0]
             factor = dt(0) if s == 0 else dt(1) / dt(s)
             mean = factor * mean_sum.reshape(-1)
-        else:
-            mean = x.mean(axis=(0, 2), dtype=x.dtype)
-        m = x.shape[0] * x.shape[2]
-        xp.subtract(x, mean.reshape(1, -1, 1), out=y)
-        if self.use_global_stats:
             var = factor * var_sum.reshape(-1)
+            std = xp.sqrt(var + dt(self.eps))
+            xp.subtract(x, mean.reshape(1, -1, 1), out=y)
+            y /= std.reshape(1, -1, 1)
+            self._z = None
         else:
-            var = (y * y).mean(axis=(0, 2), dtype=x.dtype)
+            # Two passes as Caffe (mean, then the mean of (x - mean)^2).  The
+            # centred values z = x - mean are what backward needs; in place
+            # they go to a kept buffer (the top overwrites x and a later
+            # in-place layer overwrites the top), else straight into the top.
+            mean = self._channel_sum(x, xp) / dt(m)
+            z = _buffer(self, "_z_store", x.shape, x.dtype, xp) if top[0] is bottom[0] else y
+            xp.subtract(x, mean.reshape(1, -1, 1), out=z)
+            var = self._channel_sum(z, xp, z) / dt(m)
             maf = dt(self.moving_average_fraction)
             sf *= maf
             sf += dt(1)
             mean_sum[...] = mean.reshape(mean_sum.shape) + maf * mean_sum
             corr = dt(m) / dt(m - 1) if m > 1 else dt(1)
             var_sum[...] = corr * var.reshape(var_sum.shape) + maf * var_sum
-        std = xp.sqrt(var + dt(self.eps))
+            std = xp.sqrt(var + dt(self.eps))
+            xp.divide(z, std.reshape(1, -1, 1), out=y)
+            self._z = z if z is not y else None
         self._std = std
-        y /= std.reshape(1, -1, 1)
-        if not self.use_global_stats and top[0] is bottom[0]:
-            keep = _buffer(self, "_y_store", y.shape, y.dtype, xp)
-            keep[...] = y
-            self._y_copy = keep
-        else:
-            self._y_copy = None
         self._mean = mean
 
     def backward(self, top, propagate_down, bottom):
@@ -311,19 +356,20 @@ class BatchNormLayer(Layer):
             xp.divide(dy, std, out=dx)
             return
         dt = dy.dtype.type
-        if self._y_copy is not None:
-            y = self._y_copy
-        else:   # recompute the normalised values from the (unchanged) bottom
-            y = self._view(bottom[0].data) - self._mean.reshape(1, -1, 1)
-            y /= std
         m = dy.shape[0] * dy.shape[2]
-        sum_dyy = (dy * y).sum(axis=(0, 2), dtype=dy.dtype).reshape(1, -1, 1)
-        sum_dy = dy.sum(axis=(0, 2), dtype=dy.dtype).reshape(1, -1, 1)
-        g = y * sum_dyy
-        g += sum_dy
-        g *= dt(-1.0 / m)
-        g += dy
-        xp.divide(g, std, out=dx)
+        z = self._z
+        work = scratch(xp, dy.shape, dy.dtype)
+        if z is None:   # out of place: the bottom still holds x
+            z = xp.subtract(self._view(bottom[0].data), self._mean.reshape(1, -1, 1), out=work)
+        # Caffe: dx = (dy - mean(dy) - mean(dy * y) * y) / std with y = z / std,
+        # i.e. dx = (dy + k1 * z + k0) / std, k1 = -mean(dy * z) / std^2, k0 = -mean(dy).
+        # dx may be dy itself (in place): the sums are taken first.
+        k1 = self._channel_sum(dy, xp, z) / (dt(-m) * self._std * self._std)
+        k0 = self._channel_sum(dy, xp) / dt(-m)
+        xp.multiply(z, k1.reshape(1, -1, 1), out=work)
+        work += k0.reshape(1, -1, 1)
+        work += dy
+        xp.divide(work, std, out=dx)
 
 
 # ---------------------------------------------------------------------------
