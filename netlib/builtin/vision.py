@@ -386,6 +386,17 @@ class _BaseConvolutionLayer(Layer):
             xp.matmul(s2, cols.transpose(0, 2, 1), out=t)
             dW += t
 
+    def _accumulate_dW_1x1(self, src, x, dW):
+        """``dW += sum_n src[n] @ x[n]^T`` for a 1x1 stride-1 pad-0 kernel: one
+        batched GEMM per image read in place (no transposed copies of the
+        bottom and top diff), then a sum over the images; used when the
+        per-image products (n, Ocg, Kg) are smaller than those copies."""
+        xp = self.xp
+        n, G, ocg, kg, P = self.num, self.group, self.ocg, self.kg, self.col_p
+        t = self._flat("_dw1x1_flat", n * G * ocg * kg, xp, dW.dtype).reshape(n, G, ocg, kg)
+        xp.matmul(src.reshape(n, G, ocg, P), x.reshape(n, G, kg, P).transpose(0, 1, 3, 2), out=t)
+        dW += t.sum(axis=0)
+
     def _store_img(self, s2, img, b0, nb):
         """``img[b0:b0+nb] = col2im(W^T @ s2)`` (img (n, C, *sp), overwritten)."""
         xp = self.xp
@@ -439,6 +450,9 @@ class _BaseConvolutionLayer(Layer):
             WT = self._weights().transpose(0, 2, 1)
             xp.matmul(WT, src.reshape(n, G, ocg, P), out=img.reshape(n, G, self.kg, P))
             img = None
+        if dW is not None and self.is_1x1 and self.num > 1 and ocg * self.kg <= (ocg + self.kg) * P:
+            self._accumulate_dW_1x1(src, x, dW)
+            dW = None
         if img is None and dW is None:
             return
         for b0, nb in self._chunks():
