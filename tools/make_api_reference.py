@@ -31,7 +31,7 @@ SECTIONS = [
         "top_names", "bottom_names", "blob_loss_weights", "forward", "backward", "forward_all",
         "forward_backward_all", "_forward", "_backward", "reshape", "set_input_arrays", "copy_from", "share_with",
         "save", "save_hdf5", "load_hdf5", "clear_param_diffs", "before_forward", "after_forward",
-        "before_backward", "after_backward", "close"]),
+        "before_backward", "after_backward", "close", "reuse_memory", "memory_estimate", "memory_usage"]),
     ("`Blob`", "netlib.Blob", [
         "data", "diff", "shape", "reshape", "count", "count_axes", "num", "channels", "height", "width"]),
     ("`Layer` (Python layers)", "netlib.Layer", ["setup", "reshape", "forward", "backward", "blobs", "type"]),
