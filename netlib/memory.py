@@ -117,26 +117,10 @@ def _conv_layers(net):
 
 def conv_workspace(layer):
     """{attribute: elements} of the scratch buffers a Convolution/Deconvolution
-    forward allocates, from the geometry its last reshape set: the column
-    buffer (``_col_flat``, im2col of one chunk of images), the column-side
-    matrix (``_mat_flat``, chunks of more than one image) and the padded image
-    (``_img_flat``, batch-last layout only, unless read in place).  This
-    mirrors vision.py's buffer use (tests/test_memory.py checks it against the
-    arrays a forward leaves).  None for the 1x1 path
-    (no im2col) and the depthwise engine.  A layer may define
-    ``workspace_elements()`` returning such a dict instead."""
-    if hasattr(layer, "workspace_elements"):
-        return dict(layer.workspace_elements())
-    if getattr(layer, "_dw", None) is not None or layer.is_1x1:
-        return {}
-    nb = layer.chunk
-    out = {"_col_flat": layer.img_c * _prod(layer.kernel) * layer.col_p * nb}
-    if nb > 1:
-        out["_mat_flat"] = layer.col_c * layer.col_p * nb
-    pad_sp = getattr(layer, "pad_sp", None)
-    if pad_sp is not None and getattr(layer, "batch_last", False) and not (layer.unpadded and nb == 1):
-        out["_img_flat"] = layer.img_c * _prod(pad_sp) * nb  # the batch-last engine's padded copy
-    return out
+    forward allocates, from the geometry its last reshape set: the layer's
+    own ``workspace_elements()`` (vision.py owns its buffers; tests/test_memory.py
+    checks the figures against the arrays a forward leaves)."""
+    return dict(layer.workspace_elements())
 
 
 def _prod(values):

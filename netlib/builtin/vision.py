@@ -230,6 +230,25 @@ class _BaseConvolutionLayer(Layer):
             setattr(self, attr, buf)
         return buf[:size]
 
+    def workspace_elements(self):
+        """{attribute: elements} of the scratch buffers a forward allocates,
+        from the geometry of the last reshape (used by :mod:`netlib.memory`):
+        the column buffer (``_col_flat``, im2col of one chunk of images), the
+        column-side matrix (``_mat_flat``, chunks of more than one image) and
+        the padded image (``_img_flat``, batch-last layout only, unless read
+        in place).  Empty for the 1x1 path (no im2col) and the depthwise
+        engine.  (Backward's buffers are not counted.)"""
+        if getattr(self, "_dw", None) is not None or self.is_1x1:
+            return {}
+        nb = self.chunk
+        out = {"_col_flat": self.img_c * _prod(self.kernel) * self.col_p * nb}
+        if nb > 1:
+            out["_mat_flat"] = self.col_c * self.col_p * nb
+        pad_sp = getattr(self, "pad_sp", None)
+        if pad_sp is not None and getattr(self, "batch_last", False) and not (self.unpadded and nb == 1):
+            out["_img_flat"] = self.img_c * _prod(pad_sp) * nb
+        return out
+
     def _plan_layout(self):
         """Reshape-time geometry of the batch-last engine: the padded image
         extent, where the image sits in it, and the border strips to zero."""
