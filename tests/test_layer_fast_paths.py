@@ -165,7 +165,11 @@ def batch_norm_ref(x, dy, eps):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("shape", [(3, 4, 5, 2), (6, 3)])
-def test_batch_norm_train(dtype, in_place, shape):
+@pytest.mark.parametrize("block", [None, 7, 10])   # elements per block of rows: one block, or many
+def test_batch_norm_train(dtype, in_place, shape, block, monkeypatch):
+    if block is not None:
+        from netlib.builtin import blocks
+        monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", block)
     r = numpy.random.default_rng(3)
     eps = 1e-5
     x = (r.standard_normal(shape) * 2 + 0.5).astype(dtype)
@@ -319,7 +323,11 @@ def test_dropout_mask_in_place(dtype):
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("frozen", [False, True])
-def test_scale_in_place_gradients(dtype, frozen):
+@pytest.mark.parametrize("block", [None, 3, 11])   # elements per block of rows: one block, or many
+def test_scale_in_place_gradients(dtype, frozen, block, monkeypatch):
+    if block is not None:
+        from netlib.builtin import blocks
+        monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", block)
     r = numpy.random.default_rng(7)
     shape = (3, 4, 5)
     x = r.standard_normal(shape).astype(dtype)

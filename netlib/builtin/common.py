@@ -30,6 +30,7 @@ from ..errors import ConfigError, ShapeError
 from ..fillers import fill, filler_param
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
+from .blocks import per_row, row_blocks, row_dots
 
 
 # ---------------------------------------------------------------------------
@@ -794,15 +795,29 @@ class ScaleLayer(Layer):
         xp = bottom[0].xp
         x = bottom[0].data
         self._saved_valid = False
-        if top[0] is bottom[0] and self._needs_input_copy(bottom):
+        copy = top[0] is bottom[0] and self._needs_input_copy(bottom)
+        if copy:
             if self._saved is None or self._saved.shape != x.shape:
-                self._saved = x.copy()
-            else:
-                self._saved[...] = x
+                self._saved = xp.empty_like(x)
             self._saved_valid = True
-        s = self._scale(bottom).data.reshape(1, self.dims[1], 1)
-        xp.multiply(x.reshape(self.dims), s, out=top[0].data.reshape(self.dims))
-        if self.bias_layer is not None:
+        outer, dim, inner = self.dims
+        s = self._scale(bottom).data.reshape(dim)
+        bias = None
+        if self.bias_layer is not None and tuple(self.bias_layer.dims) == tuple(self.dims):
+            bias = per_row(xp, self.bias_layer._bias([top[0]]).data.reshape(dim), outer)
+        # copy (in place), multiply, add bias: block by block of rows, while in cache
+        x2, y2 = x.reshape(outer * dim, inner), top[0].data.reshape(outer * dim, inner)
+        saved2 = self._saved.reshape(outer * dim, inner) if copy else None
+        s_rows = per_row(xp, s, outer)
+        for r0, r1 in row_blocks(outer * dim, inner):
+            src = x2[r0:r1]
+            if copy:
+                xp.copyto(saved2[r0:r1], src)
+                src = saved2[r0:r1]
+            xp.multiply(src, s_rows[r0:r1], out=y2[r0:r1])
+            if bias is not None:
+                xp.add(y2[r0:r1], bias[r0:r1], out=y2[r0:r1])
+        if self.bias_layer is not None and bias is None:
             self.bias_layer.forward([top[0]], top)
 
     def _needs_input_copy(self, bottom):
@@ -818,30 +833,76 @@ class ScaleLayer(Layer):
         return not ppd or bool(ppd[0])
 
     def backward(self, top, propagate_down, bottom):
-        if self.bias_layer is not None and self.param_propagate_down[-1]:
-            self.bias_layer.backward(top, [False], [top[0]])
         learned = len(bottom) == 1
         scale = self._scale(bottom)
         outer, dim, inner = self.dims
-        dy = top[0].diff.reshape(self.dims)
-        if (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1]):
-            xp = top[0].xp
+        want_bias = self.bias_layer is not None and self.param_propagate_down[-1]
+        want_scale = (learned and self.param_propagate_down[0]) or (not learned and propagate_down[1])
+        x = None
+        if want_scale:
             if top[0] is bottom[0] and not getattr(self, "_saved_valid", False):
                 self.fail("the scale gradient needs the input, which in-place forward did not keep "
                           "(need_backward or param_propagate_down changed after forward)", bottom=bottom)
             x = (self._saved if top[0] is bottom[0] else bottom[0].data).reshape(self.dims)
+        if want_bias and tuple(self.bias_layer.dims) == tuple(self.dims):
+            self._backward_blocked(top, bottom, propagate_down, x)
+            return
+        if want_bias:
+            self.bias_layer.backward(top, [False], [top[0]])
+        dy = top[0].diff.reshape(self.dims)
+        if want_scale:
+            xp = top[0].xp
             g = _outer_inner_sum(self, xp, dy, x)
-            target = scale.diff.reshape(-1)
-            overwrite = (not learned or bottom[0].count == scale.count
-                         or (outer == 1 and inner > 1 and dim > 1))
-            if overwrite:
-                target[...] = g
-            else:
-                target += g
+            self._store_scale_grad(bottom, scale, g)
         if propagate_down[0]:
             xp = top[0].xp
             s = scale.data.reshape(1, dim, 1)
             xp.multiply(dy, s, out=bottom[0].diff.reshape(self.dims))
+
+    def _backward_blocked(self, top, bottom, propagate_down, x):
+        """Backward with the learned bias: per block of rows, the bias and scale
+        row sums, then dx = dy * s (in place dx is dy: the sums come first),
+        each block's passes while it is in cache."""
+        xp = top[0].xp
+        outer, dim, inner = self.dims
+        rows = outer * dim
+        scale = self._scale(bottom)
+        dy2 = top[0].diff.reshape(rows, inner)
+        x2 = None if x is None else x.reshape(rows, inner)
+        dx2 = bottom[0].diff.reshape(rows, inner) if propagate_down[0] else None
+        s_rows = per_row(xp, scale.data.reshape(dim), outer)
+        sums = xp.empty(rows, dtype=dy2.dtype)
+        dots = None if x2 is None else xp.empty(rows, dtype=dy2.dtype)
+        ones = None
+        if inner != 1:
+            ones = getattr(self, "_ones", None)
+            if ones is None or ones.shape != (inner,) or ones.dtype != dy2.dtype:
+                ones = self._ones = xp.ones(inner, dtype=dy2.dtype)
+        for r0, r1 in row_blocks(rows, inner):
+            g = dy2[r0:r1]
+            if ones is None:
+                sums[r0:r1] = g[:, 0]
+            else:
+                xp.matmul(g, ones, out=sums[r0:r1])
+            if dots is not None:
+                row_dots(xp, g, x2[r0:r1], dots[r0:r1])
+            if dx2 is not None:
+                xp.multiply(g, s_rows[r0:r1], out=dx2[r0:r1])
+        self.bias_layer._bias([top[0]]).diff.reshape(-1)[...] += sums.reshape(outer, dim).sum(axis=0)
+        if dots is not None:
+            self._store_scale_grad(bottom, scale, dots.reshape(outer, dim).sum(axis=0))
+
+    def _store_scale_grad(self, bottom, scale, g):
+        """Write or accumulate the scale gradient ``g`` (dim,) as Caffe does."""
+        learned = len(bottom) == 1
+        outer, dim, inner = self.dims
+        target = scale.diff.reshape(-1)
+        overwrite = (not learned or bottom[0].count == scale.count
+                     or (outer == 1 and inner > 1 and dim > 1))
+        if overwrite:
+            target[...] = g
+        else:
+            target += g
 
 
 # ---------------------------------------------------------------------------

@@ -76,6 +76,7 @@ Im2col (``convolution_param``: kernel/stride/pad/dilation, axis)
 from ..errors import ConfigError, ShapeError
 from ..im2col import col2im, geometry, im2col
 from ..layer import Layer, register_layer
+from .blocks import per_row as _per_row, row_blocks as _row_blocks, row_dots as _row_dots
 from .neuron import scratch
 from .pooling import PoolingLayer
 
@@ -292,6 +293,12 @@ class BatchNormLayer(Layer):
         n = arr.shape[0] if arr.ndim else 1
         return arr.reshape(n, self.channels, -1)
 
+    def _ones_for(self, sp, dtype, xp):
+        ones = getattr(self, "_ones", None)
+        if ones is None or ones.shape != (sp,) or ones.dtype != dtype:
+            ones = self._ones = xp.ones(sp, dtype=dtype)
+        return ones
+
     def _channel_sum(self, a, xp, b=None):
         """Per-channel sum over N and the trailing axes of an (N, C, S) array
         (of ``a * b`` when ``b`` is given), without a temporary of a's size:
@@ -331,8 +338,17 @@ class BatchNormLayer(Layer):
             # in-place layer overwrites the top), else straight into the top.
             mean = self._channel_sum(x, xp) / dt(m)
             z = _buffer(self, "_z_store", x.shape, x.dtype, xp) if top[0] is bottom[0] else y
-            xp.subtract(x, mean.reshape(1, -1, 1), out=z)
-            var = self._channel_sum(z, xp, z) / dt(m)
+            # z = x - mean and the row sums of z*z, block by block while the
+            # block is in cache (the same operations as unblocked)
+            n, c, sp = x.shape
+            x2, z2 = x.reshape(n * c, sp), z.reshape(n * c, sp)
+            mean_rows = _per_row(xp, mean, n)
+            per = xp.empty(n * c, dtype=x.dtype)
+            for r0, r1 in _row_blocks(n * c, sp):
+                zb = z2[r0:r1]
+                xp.subtract(x2[r0:r1], mean_rows[r0:r1], out=zb)
+                _row_dots(xp, zb, zb, per[r0:r1])
+            var = per.reshape(n, c).sum(axis=0) / dt(m)
             maf = dt(self.moving_average_fraction)
             sf *= maf
             sf += dt(1)
@@ -364,12 +380,27 @@ class BatchNormLayer(Layer):
         # Caffe: dx = (dy - mean(dy) - mean(dy * y) * y) / std with y = z / std,
         # i.e. dx = (dy + k1 * z + k0) / std, k1 = -mean(dy * z) / std^2, k0 = -mean(dy).
         # dx may be dy itself (in place): the sums are taken first.
-        k1 = self._channel_sum(dy, xp, z) / (dt(-m) * self._std * self._std)
-        k0 = self._channel_sum(dy, xp) / dt(-m)
-        xp.multiply(z, k1.reshape(1, -1, 1), out=work)
-        work += k0.reshape(1, -1, 1)
-        work += dy
-        xp.divide(work, std, out=dx)
+        # Two blocked passes: the row sums of dy*z and of dy, then dx, each
+        # block's operations running while it is in cache.
+        n, c, sp = dy.shape
+        dy2, z2, dx2 = dy.reshape(n * c, sp), z.reshape(n * c, sp), dx.reshape(n * c, sp)
+        blocks = _row_blocks(n * c, sp)
+        ones = self._ones_for(sp, dy.dtype, xp)
+        dots = xp.empty(n * c, dtype=dy.dtype)
+        sums = xp.empty(n * c, dtype=dy.dtype)
+        for r0, r1 in blocks:
+            _row_dots(xp, dy2[r0:r1], z2[r0:r1], dots[r0:r1])
+            xp.matmul(dy2[r0:r1], ones, out=sums[r0:r1])
+        k1 = dots.reshape(n, c).sum(axis=0) / (dt(-m) * self._std * self._std)
+        k0 = sums.reshape(n, c).sum(axis=0) / dt(-m)
+        k1r, k0r, stdr = _per_row(xp, k1, n), _per_row(xp, k0, n), _per_row(xp, self._std, n)
+        w2 = scratch(xp, (blocks[0][1] - blocks[0][0], sp), dy.dtype, slot=1) if blocks else None
+        for r0, r1 in blocks:
+            wb = w2[:r1 - r0]
+            xp.multiply(z2[r0:r1], k1r[r0:r1], out=wb)
+            wb += k0r[r0:r1]
+            wb += dy2[r0:r1]
+            xp.divide(wb, stdr[r0:r1], out=dx2[r0:r1])
 
 
 # ---------------------------------------------------------------------------
