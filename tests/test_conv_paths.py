@@ -109,7 +109,7 @@ def _per_axis(v, nd):
 
 
 def run_layer(type_, shape, num_output, kernel, stride=1, pad=0, dil=1, group=1, bias=True,
-              dtype=np.float64, layout=None, budget=None):
+              dtype=np.float64, layout=None, budget=None, shift=False):
     nd = len(shape) - 2
     k, s, p, d = (_per_axis(v, nd) for v in (kernel, stride, pad, dil))
     params = "num_output: %d group: %d bias_term: %s" % (num_output, group, "true" if bias else "false")
@@ -120,6 +120,7 @@ def run_layer(type_, shape, num_output, kernel, stride=1, pad=0, dil=1, group=1,
     lay = create_layer(lp, phase=caffe_pb2.TRAIN, dtype=dtype, xp=np)
     lay.batch_last_layout = layout
     lay.depthwise_fast_path = False
+    lay.shift_gemm_forward = shift
     if budget is not None:
         lay.col_buffer_bytes = budget
     x = RNG.standard_normal(shape).astype(dtype)
@@ -189,6 +190,35 @@ def test_convolution_paths_float64(case, layout, budget):
     if budget == 1:
         assert lay.chunk == 1
     assert_matches(got, ref, np.float64)
+
+
+SHIFT_CASES = [c for c in CASES if len(c[1]) == 4 and c[4] == 1 and c[7] == 1 and c[3] != 1]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", SHIFT_CASES + [("chunks", (9, 3, 6, 7), 4, 3, 1, 1, 1, 1),
+                                                ("dil2_rect", (3, 2, 9, 8), 3, (3, 2), 1, (2, 1), 2, 1)],
+                         ids=[c[0] for c in SHIFT_CASES] + ["chunks", "dil2_rect"])
+def test_shift_gemm_forward(case, dtype, monkeypatch):
+    """The shifted-GEMM forward (ShiftGemmEngine), forced on, against the loops;
+    small accumulator blocks so that several chunks of images are used."""
+    from netlib.builtin import shiftconv
+    monkeypatch.setattr(shiftconv.ShiftGemmEngine, "acc_elements", 150)
+    _, shape, O, k, s, p, d, g = case
+    lay, got, ref = run_layer("Convolution", shape, O, k, s, p, d, g, dtype=dtype, shift="always")
+    assert lay._shift is not None
+    if case[0] == "chunks":
+        assert lay._shift.nb < shape[0]
+    assert_matches(got, ref, dtype)
+
+
+def test_shift_gemm_rule():
+    """The measured rule: CIFAR-10's 5x5 layer on 16x16 maps takes the shifted
+    GEMMs, a small 8x8 map and a strided layer do not."""
+    assert run_layer("Convolution", (2, 32, 16, 16), 8, 5, 1, 2, shift=True)[0]._shift is not None
+    assert run_layer("Convolution", (2, 32, 8, 8), 8, 5, 1, 2, shift=True)[0]._shift is None
+    assert run_layer("Convolution", (2, 32, 16, 16), 8, 3, 2, 1, shift=True)[0]._shift is None
+    assert run_layer("Convolution", (2, 32, 16, 16), 8, 5, 1, 2, shift=False)[0]._shift is None
 
 
 @pytest.mark.parametrize("layout", [None, True, False])
