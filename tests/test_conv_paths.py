@@ -200,8 +200,9 @@ SHIFT_CASES = [c for c in CASES if len(c[1]) == 4 and c[4] == 1 and c[7] == 1 an
                                                 ("dil2_rect", (3, 2, 9, 8), 3, (3, 2), 1, (2, 1), 2, 1)],
                          ids=[c[0] for c in SHIFT_CASES] + ["chunks", "dil2_rect"])
 def test_shift_gemm_forward(case, dtype, monkeypatch):
-    """The shifted-GEMM forward (ShiftGemmEngine), forced on, against the loops;
-    small accumulator blocks so that several chunks of images are used."""
+    """The shifted-GEMM engine (ShiftGemmEngine: forward and bottom diff; the
+    weight diff stays on im2col), forced on, against the loops; small
+    accumulator blocks so that several chunks of images are used."""
     from netlib.builtin import shiftconv
     monkeypatch.setattr(shiftconv.ShiftGemmEngine, "acc_elements", 150)
     _, shape, O, k, s, p, d, g = case

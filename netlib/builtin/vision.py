@@ -516,8 +516,10 @@ class ConvolutionLayer(_BaseConvolutionLayer):
     (:class:`netlib.builtin.shiftconv.ShiftGemmEngine`, no column buffer;
     measured 1.2-1.5x faster there, slower on small maps and many channels);
     ``shift_gemm_forward``: True (that rule), False (never) or ``"always"``
-    (whenever the geometry allows; the tests use it).  Backward stays on the
-    im2col path.  Numbers equal to float32 rounding.
+    (whenever the geometry allows; the tests use it).  Its bottom diff
+    (the adjoint, the same shifted GEMMs over the zero-bordered top diff) is
+    used in backward too; the weight gradient stays on the im2col path,
+    where it is faster.  Numbers equal to float32 rounding.
     """
 
     #: Use the depthwise engine when the layer is depthwise (see the class docstring).
@@ -604,9 +606,14 @@ class ConvolutionLayer(_BaseConvolutionLayer):
             self._bias_grad(gy)
             if need_w and dW is None:
                 dW = self.blobs[0].diff.reshape(self.group, self.ocg, self.kg)
+            shift_dx = self._shift is not None and propagate_down[i]
             self._col2im_pass(self._col_view(gy),
-                              self._img_view(b.diff) if propagate_down[i] else None,
+                              self._img_view(b.diff) if propagate_down[i] and not shift_dx else None,
                               dW=dW if need_w else None, x=self._img_view(b.data))
+            if shift_dx:          # the bottom diff by shifted GEMMs (faster there than col2im)
+                self._shift.backward(None, self.blobs[0].data,
+                                     self._dw_view(gy, self.num_output, self.out_sp),
+                                     dx=self._dw_view(b.diff, self.channels, self.in_sp))
 
 
 @register_layer("Deconvolution")
