@@ -7,6 +7,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = ["lmdb>=1.4", "plyvel>=1.5", "Pillow>=9"]
 PLOT = ["matplotlib>=3.5"]
 DRAW = ["pydot>=1.4"]
+ACCEL = ["numba>=0.59"]
 
 setup(
     name="netlib",
@@ -27,9 +28,11 @@ setup(
         "plot": PLOT,
         # caffe.draw / draw_net graphs (PNG/SVG/PDF also need Graphviz's dot program).
         "draw": DRAW,
+        # Compiled kernels for non-GEMM layer work (netlib.accel; wheels, no compiler).
+        "accel": ACCEL,
         # The test suite: every optional feature, and OpenCV as the independent
         # reference for netlib's own image decoding and resizing.
-        "test": ["pytest>=7", "grpcio-tools>=1.85", "opencv-python-headless>=4.8"] + DATA + PLOT + DRAW,
+        "test": ["pytest>=7", "grpcio-tools>=1.85", "opencv-python-headless>=4.8"] + DATA + PLOT + DRAW + ACCEL,
         "gpu": ["cupy-cuda12x"],
     },
     entry_points={"console_scripts": ["netlib=netlib.tools.cli:main"]},

@@ -22,3 +22,15 @@ def shared():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running end-to-end test (still run by .ci/run)")
+
+
+@pytest.fixture(params=["numpy", "numba"])
+def engine(request):
+    """Run the test twice: on the NumPy paths (netlib.accel off) and on the
+    optional numba kernels (skipped when numba is not installed)."""
+    from netlib import accel
+    if request.param == "numba" and not accel.available():
+        pytest.skip("numba is not installed (the optional accelerator)")
+    old = accel.set_enabled(request.param == "numba")
+    yield request.param
+    accel.set_enabled(old)

@@ -48,8 +48,33 @@ def test_required_cases_exist():
     assert REQUIRED <= types, "golden cases missing for %s" % sorted(REQUIRED - types)
 
 
+def _uses_accel(case):
+    """Cases whose net has a layer with optional compiled kernels (netlib.accel)."""
+    with open(os.path.join(GOLDEN, case + ".prototxt")) as fh:
+        return '"Pooling"' in fh.read()
+
+
+ACCEL_CASES = [c for c in CASES if _uses_accel(c)]
+
+
 @pytest.mark.parametrize("case", CASES or ["<no golden cases>"])
 def test_golden_case(case, tmp_path, monkeypatch):
+    # the default engine: netlib.accel's kernels where numba is installed
+    _check_case(case, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("case", ACCEL_CASES or ["<no golden cases>"])
+def test_golden_case_numpy_paths(case, tmp_path, monkeypatch):
+    # the same cases with netlib.accel off: the NumPy paths must match Caffe too
+    from netlib import accel
+    old = accel.set_enabled(False)
+    try:
+        _check_case(case, tmp_path, monkeypatch)
+    finally:
+        accel.set_enabled(old)
+
+
+def _check_case(case, tmp_path, monkeypatch):
     import h5py
     if not CASES:
         pytest.skip("needs ../shared/reference/golden")

@@ -488,7 +488,7 @@ POOL_CASES = [
 
 @pytest.mark.parametrize("phase", ["TEST", "TRAIN"])
 @pytest.mark.parametrize("case", POOL_CASES, ids=[c[0] for c in POOL_CASES])
-def test_pooling_matches_naive_forward_and_backward(case, phase):
+def test_pooling_matches_naive_forward_and_backward(case, phase, engine):
     _, shape, params, method, kh, kw, sh, sw, ph, pw, ceil_mode = case
     x = f32(shape)
     ntop = 2 if method == "MAX" and phase == "TRAIN" else 1      # mask top in one run
@@ -507,7 +507,7 @@ def test_pooling_matches_naive_forward_and_backward(case, phase):
 @pytest.mark.parametrize("case", [c for c in POOL_CASES if c[0] in ("max_k3s2p1", "max_rect", "ave_k3s2p1",
                                                                     "max_global", "max_s_gt_k")],
                          ids=lambda c: c[0])
-def test_pooling_in_batch_chunks(case, monkeypatch):
+def test_pooling_in_batch_chunks(case, monkeypatch, engine):
     # 5 images in chunks of 2, 2, 1: the kernel-offset loops run per chunk
     _, shape, params, method, kh, kw, sh, sw, ph, pw, ceil_mode = case
     shape = (5,) + shape[1:]
@@ -621,7 +621,7 @@ GRAD_POOL = [
 
 
 @pytest.mark.parametrize("case", GRAD_POOL, ids=[c[0] for c in GRAD_POOL])
-def test_pooling_gradient(case):
+def test_pooling_gradient(case, engine):
     _, shape, params, phase, ntop = case
     res = check_gradient('type: "Pooling" pooling_param { %s }' % params, bottom_shapes=[shape],
                          phase=phase, num_tops=ntop)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
+from netlib import accel
 from netlib.blob import Blob
 from netlib.builtin import pooling
 from netlib.layer import create_layer
@@ -142,7 +143,24 @@ PATHS = {
                   True),
     "direct": ({"cl_max_plane": 0}, False),
     "direct_chunks": ({"cl_max_plane": 0, "chunk_bytes": 1}, False),
+    # the compiled kernels of netlib.accel (Caffe's loops): everywhere, and by
+    # the layer's rule (some forwards in NumPy, whose argmax backward then reads)
+    "numba": ({"accel_forward_all": True}, None),
+    "numba_rule": ({}, "rule"),
 }
+
+
+@pytest.fixture(autouse=True)
+def _engine(request):
+    """The "numba" path runs with netlib.accel on (skipped without numba);
+    every other path with it off, so the NumPy paths stay tested."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    want = str(params.get("path")).startswith("numba")
+    if want and not accel.available():
+        pytest.skip("numba is not installed (the optional accelerator)")
+    old = accel.set_enabled(want)
+    yield
+    accel.set_enabled(old)
 
 # (id, H, W, method, kh, kw, sh, sw, ph, pw, ceil)
 GEOMS = [
@@ -181,7 +199,11 @@ def check(geom, path, dtype, phase, x_fn, dy_fn=None, ntop=None):
         ntop = 2 if method == "MAX" else 1
     text = params_text(method, kh, kw, sh, sw, ph, pw, ceil_mode)
     lay, y, mask, dy, dx = run_layer(text, x, phase, ntop, dy_fn, attrs)
-    if not lay._whole:
+    if want_cl is None:
+        assert lay._argmax_flat == (method == "MAX" and not lay._whole)   # the compiled kernels ran
+    elif want_cl == "rule":
+        pass
+    elif not lay._whole:
         assert lay._cl_ok(x.shape) == (want_cl and lay._partial)
     ry, rmask, rdx = caffe_pool(x, method, kh, kw, sh, sw, ph, pw, ceil_mode, dy)
     assert y.dtype == dtype and dx.dtype == dtype
@@ -238,9 +260,10 @@ def test_ave_ties_and_signed_zero(geom, path):
     assert not np.signbit(y).any()
 
 
+@pytest.mark.parametrize("path", ["cl", "numba"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
-def test_global_pooling(method, dtype):
+def test_global_pooling(method, dtype, path):
     rng = np.random.default_rng(3)
     x = tie_heavy(rng, (3, 4, 5, 6), dtype, specials=(method == "MAX"))
     x[0, 0] = -np.inf                       # a plane with no winner
@@ -255,7 +278,8 @@ def test_global_pooling(method, dtype):
     assert not np.signbit(dx[dx == 0]).any()         # Caffe's 0 + g: no -0 in the bottom diff
 
 
-def test_paths_reuse_buffers_across_shapes():
+@pytest.mark.parametrize("path", ["cl", "numba", "numba_rule"])
+def test_paths_reuse_buffers_across_shapes(path):
     # one layer, bottoms of changing batch and size: plans and scratch buffers follow
     text = params_text("MAX", 3, 3, 2, 2, 0, 0, True)
     lp = text_format.Parse(text, caffe_pb2.LayerParameter())
@@ -317,7 +341,8 @@ class _Arrays:
 @pytest.mark.parametrize("geom", [g for g in GEOMS if g[0] in ("max3s2_ceil_clip", "max3s2_exact", "ave3s2_pad1",
                                                                "ave2s2_even", "ave7s1_7x7", "max7s1_7x7")],
                          ids=lambda g: g[0])
-def test_non_contiguous_arrays(geom):
+@pytest.mark.parametrize("path", ["cl", "numba"])         # numba: falls back to NumPy on strided views
+def test_non_contiguous_arrays(geom, path):
     # forward / backward write through views into the caller's arrays, whatever their strides
     _, H, W, method, kh, kw, sh, sw, ph, pw, ceil_mode = geom
     rng = np.random.default_rng(11)
@@ -337,3 +362,40 @@ def test_non_contiguous_arrays(geom):
     np.testing.assert_array_equal(top.data, y_ref)
     lay.backward([top], [True], [bottom])
     np.testing.assert_array_equal(bottom.diff, dx_ref)
+
+
+@pytest.mark.parametrize("path", ["numba"])
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+def test_engine_switch_between_forward_and_backward(method, path):
+    # an argmax made by one engine is never read by the other: switching the
+    # accelerator off (or on) between forward and backward recomputes it
+    rng = np.random.default_rng(17)
+    x = tie_heavy(rng, (2, 3, 9, 8), np.float32, specials=(method == "MAX"))
+    text = params_text(method, 3, 3, 2, 2, 0, 0, True)
+    for first, second in ((True, False), (False, True)):
+        lp = text_format.Parse(text, caffe_pb2.LayerParameter())
+        lay = create_layer(lp, phase=caffe_pb2.TRAIN, dtype=np.float32, xp=np)
+        b, t = Blob(x.shape), [Blob(())]
+        b.data[...] = x
+        lay.SetUp([b], t)
+        accel.set_enabled(first)
+        lay.Forward([b], t)
+        dy = rng.standard_normal(t[0].shape).astype(np.float32)
+        t[0].diff[...] = dy
+        accel.set_enabled(second)
+        lay.Backward(t, [True], [b])
+        ry, _, rdx = caffe_pool(x, method, 3, 3, 2, 2, 0, 0, True, dy)
+        np.testing.assert_array_equal(t[0].data, ry)
+        np.testing.assert_array_equal(b.diff, rdx)
+
+
+def test_accelerator_switch_and_status(monkeypatch):
+    old = accel.set_enabled(False)
+    try:
+        assert accel.kernels() is None and not accel.enabled()
+        assert "off" in accel.status() or "not installed" in accel.status()
+        accel.set_enabled(True)
+        assert accel.enabled() == accel.available()
+        assert (accel.kernels() is not None) == accel.available()
+    finally:
+        accel.set_enabled(old)
