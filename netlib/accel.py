@@ -21,7 +21,7 @@ import os
 import threading
 
 _state = {"enabled": os.environ.get("NETLIB_NO_NUMBA", "") in ("", "0"), "module": None,
-          "error": None}
+          "error": None, "everywhere": False}
 
 
 def available():
@@ -34,11 +34,13 @@ def enabled():
     return _state["enabled"] and available()
 
 
-def set_enabled(flag):
+def set_enabled(flag, everywhere=False):
     """Turn the compiled kernels on (when numba is installed) or off; returns
-    the previous setting."""
+    the previous setting.  ``everywhere``: also for arrays below the layers'
+    size thresholds (the tests use it to run the kernels on small cases)."""
     old = _state["enabled"]
     _state["enabled"] = bool(flag)
+    _state["everywhere"] = bool(flag and everywhere)
     return old
 
 
@@ -48,6 +50,23 @@ def kernels():
     if not _state["enabled"]:
         return None
     return _load()
+
+
+def kernels_for(*arrays, min_elements=0):
+    """:func:`kernels` when they can serve these arrays: NumPy arrays (never
+    CuPy), C-contiguous, float32 or float64, the largest with at least
+    ``min_elements`` elements (below, NumPy is as fast); else None."""
+    k = kernels()
+    if k is None:
+        return None
+    import numpy
+    big = 0
+    for a in arrays:
+        if (not isinstance(a, numpy.ndarray) or not a.flags.c_contiguous
+                or a.dtype not in (numpy.float32, numpy.float64)):
+            return None
+        big = max(big, a.size)
+    return k if big >= min_elements or _state["everywhere"] else None
 
 
 def status():

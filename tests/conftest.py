@@ -31,6 +31,6 @@ def engine(request):
     from netlib import accel
     if request.param == "numba" and not accel.available():
         pytest.skip("numba is not installed (the optional accelerator)")
-    old = accel.set_enabled(request.param == "numba")
+    old = accel.set_enabled(request.param == "numba", everywhere=True)
     yield request.param
     accel.set_enabled(old)

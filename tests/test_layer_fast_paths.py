@@ -166,7 +166,7 @@ def batch_norm_ref(x, dy, eps):
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("shape", [(3, 4, 5, 2), (6, 3)])
 @pytest.mark.parametrize("block", [None, 7, 10])   # elements per block of rows: one block, or many
-def test_batch_norm_train(dtype, in_place, shape, block, monkeypatch):
+def test_batch_norm_train(dtype, in_place, shape, block, monkeypatch, engine):
     if block is not None:
         from netlib.builtin import blocks
         monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", block)
@@ -324,7 +324,7 @@ def test_dropout_mask_in_place(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("block", [None, 3, 11])   # elements per block of rows: one block, or many
-def test_scale_in_place_gradients(dtype, frozen, block, monkeypatch):
+def test_scale_in_place_gradients(dtype, frozen, block, monkeypatch, engine):
     if block is not None:
         from netlib.builtin import blocks
         monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", block)

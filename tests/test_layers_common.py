@@ -965,7 +965,7 @@ def test_bias_default_filler_zero_and_two_bottoms():
 
 @pytest.mark.parametrize("param,axis,shape", BROADCAST_VARIANTS)
 @pytest.mark.parametrize("bias_term", [False, True])
-def test_scale_learned_naive_and_gradient(param, axis, shape, bias_term):
+def test_scale_learned_naive_and_gradient(param, axis, shape, bias_term, engine):
     x = randn(2, 3, 4)
     text = ('type: "Scale" scale_param { %s bias_term: %s filler { type: "gaussian" } '
             'bias_filler { type: "gaussian" } }' % (param, "true" if bias_term else "false"))
@@ -986,7 +986,7 @@ def test_scale_learned_naive_and_gradient(param, axis, shape, bias_term):
     check_gradient(text, bottom_shapes=[(2, 3, 4)])
 
 
-def test_scale_defaults_two_bottoms_and_in_place():
+def test_scale_defaults_two_bottoms_and_in_place(engine):
     lay, _, top = fwd('type: "Scale" scale_param { bias_term: true }', [randn(2, 3)])
     assert (lay.blobs[0].data == 1).all() and (lay.blobs[1].data == 0).all()
     x, s = randn(2, 3, 4), randn(3)

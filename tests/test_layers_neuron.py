@@ -145,7 +145,7 @@ def case_input(name, shape=(2, 3, 4, 5)):
 
 
 @pytest.mark.parametrize("name", sorted(ALL_CASES))
-def test_forward_backward_match_naive_reference(name):
+def test_forward_backward_match_naive_reference(name, engine):
     text, f, d = ALL_CASES[name]
     x = case_input(name)
     dy = RNG.standard_normal(x.shape).astype(np.float32)
@@ -253,7 +253,7 @@ GRAD_VARIANTS = [
 
 
 @pytest.mark.parametrize("text,kw", GRAD_VARIANTS, ids=[t for t, _ in GRAD_VARIANTS])
-def test_gradient(text, kw):
+def test_gradient(text, kw, engine):
     res = check_gradient(text, bottom_shapes=[(2, 3, 4)], **kw)
     assert res.checked > 0
 
@@ -318,7 +318,7 @@ IN_PLACE = [
 
 @pytest.mark.parametrize("text", IN_PLACE)
 @pytest.mark.parametrize("phase", ["TRAIN", "TEST"])
-def test_in_place_matches_out_of_place(text, phase):
+def test_in_place_matches_out_of_place(text, phase, engine):
     x = sample()
     dy = RNG.standard_normal(x.shape).astype(np.float32)
     backward = "Threshold" not in text
@@ -350,7 +350,7 @@ def test_in_place_prelu_keeps_bottom_copy():
     np.testing.assert_allclose(l1.blobs[0].diff, l2.blobs[0].diff, rtol=1e-6)
 
 
-def test_relu_in_place_negative_slope_quirk_kept():
+def test_relu_in_place_negative_slope_quirk_kept(engine):
     """Caffe reads the overwritten bottom in place: with a negative slope a
     negative input becomes positive and then gets gradient 1, as in Caffe."""
     x = np.array([-2.0, 3.0], np.float32)

@@ -156,7 +156,7 @@ def bn_ref_batch(x, eps):
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (2, 3, 4, 5), (3, 2, 2, 2, 3)])
-def test_batchnorm_batch_stats_forward_and_running_update(shape):
+def test_batchnorm_batch_stats_forward_and_running_update(shape, engine):
     x1 = rng(5).standard_normal(shape) * 2 + 1
     x2 = rng(6).standard_normal(shape) - 0.5
     text = 'type: "BatchNorm" batch_norm_param { moving_average_fraction: 0.9 eps: 1e-3 }'
@@ -187,7 +187,7 @@ def test_batchnorm_batch_stats_forward_and_running_update(shape):
                                   rtol=1e-10)
 
 
-def test_batchnorm_global_stats_zero_scale_factor_and_default_phase():
+def test_batchnorm_global_stats_zero_scale_factor_and_default_phase(engine):
     x = rng(7).standard_normal((2, 3, 2))
     # TEST phase defaults to global stats; with s == 0 the mean and var are 0.
     layer, _, t = run('type: "BatchNorm"', x, phase=caffe_pb2.TEST,
@@ -203,19 +203,19 @@ def test_batchnorm_global_stats_zero_scale_factor_and_default_phase():
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (2, 3, 3, 2)])
-def test_batchnorm_gradient_batch_stats(shape):
+def test_batchnorm_gradient_batch_stats(shape, engine):
     check_gradient('type: "BatchNorm"', bottom_shapes=[shape], phase="TRAIN")
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (2, 3, 2, 2)])
-def test_batchnorm_gradient_global_stats(shape):
+def test_batchnorm_gradient_global_stats(shape, engine):
     C = shape[1]
     params = [rng(8).standard_normal(C), rng(9).uniform(0.5, 2.0, C) * 3, [3.0]]
     check_gradient('type: "BatchNorm" batch_norm_param { eps: 0.01 }', bottom_shapes=[shape],
                    phase="TEST", params=params)
 
 
-def test_batchnorm_in_place_matches_out_of_place():
+def test_batchnorm_in_place_matches_out_of_place(engine):
     x = rng(10).standard_normal((3, 2, 4))
     dy = rng(11).standard_normal(x.shape)
     layer, b, t = run('type: "BatchNorm"', x)

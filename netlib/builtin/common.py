@@ -26,6 +26,7 @@ import os
 
 import numpy
 
+from .. import accel
 from ..errors import ConfigError, ShapeError
 from ..fillers import fill, filler_param
 from ..layer import Layer, register_layer
@@ -755,6 +756,9 @@ class ScaleLayer(Layer):
     min_bottom_blobs = 1
     max_bottom_blobs = 2
     exact_num_top_blobs = 1
+    #: With :mod:`netlib.accel`: bottoms of at least this many elements run
+    #: forward (and backward with the learned bias) on the compiled kernels.
+    accel_min_elements = 1 << 16
 
     def setup(self, bottom, top):
         p = self.layer_param.scale_param
@@ -803,7 +807,16 @@ class ScaleLayer(Layer):
         outer, dim, inner = self.dims
         s = self._scale(bottom).data.reshape(dim)
         bias = None
-        if self.bias_layer is not None and tuple(self.bias_layer.dims) == tuple(self.dims):
+        fused_bias = self.bias_layer is not None and tuple(self.bias_layer.dims) == tuple(self.dims)
+        k = accel.kernels_for(x, top[0].data, s, min_elements=self.accel_min_elements)
+        if k is not None:
+            b = self.bias_layer._bias([top[0]]).data.reshape(dim) if fused_bias else s
+            k.scale_forward(x.reshape(self.dims), self._saved.reshape(self.dims) if copy else x.reshape(self.dims),
+                            top[0].data.reshape(self.dims), s, b.astype(x.dtype, copy=False), copy, fused_bias)
+            if self.bias_layer is not None and not fused_bias:
+                self.bias_layer.forward([top[0]], top)
+            return
+        if fused_bias:
             bias = per_row(xp, self.bias_layer._bias([top[0]]).data.reshape(dim), outer)
         # copy (in place), multiply, add bias: block by block of rows, while in cache
         x2, y2 = x.reshape(outer * dim, inner), top[0].data.reshape(outer * dim, inner)
@@ -867,6 +880,19 @@ class ScaleLayer(Layer):
         outer, dim, inner = self.dims
         rows = outer * dim
         scale = self._scale(bottom)
+        dy = top[0].diff
+        dx = bottom[0].diff if propagate_down[0] else dy
+        sv = scale.data.reshape(dim)
+        k = accel.kernels_for(dy, dx, sv, *(() if x is None else (x,)),
+                              min_elements=self.accel_min_elements)
+        if k is not None:
+            gs, gb = numpy.empty(dim, dy.dtype), numpy.empty(dim, dy.dtype)
+            k.scale_backward(dy.reshape(self.dims), dy.reshape(self.dims) if x is None else x.reshape(self.dims),
+                             sv, dx.reshape(self.dims), gs, gb, x is not None, bool(propagate_down[0]))
+            self.bias_layer._bias([top[0]]).diff.reshape(-1)[...] += gb
+            if x is not None:
+                self._store_scale_grad(bottom, scale, gs)
+            return
         dy2 = top[0].diff.reshape(rows, inner)
         x2 = None if x is None else x.reshape(rows, inner)
         dx2 = bottom[0].diff.reshape(rows, inner) if propagate_down[0] else None

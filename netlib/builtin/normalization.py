@@ -73,6 +73,9 @@ Im2col (``convolution_param``: kernel/stride/pad/dilation, axis)
     with Caffe's convolution output size; rows ordered channel, then kernel
     offsets in raster order (Caffe's column buffer).  Backward is col2im.
 """
+import numpy
+
+from .. import accel
 from ..errors import ConfigError, ShapeError
 from ..im2col import col2im, geometry, im2col
 from ..layer import Layer, register_layer
@@ -248,6 +251,9 @@ class BatchNormLayer(Layer):
 
     exact_num_bottom_blobs = 1
     exact_num_top_blobs = 1
+    #: With :mod:`netlib.accel`: bottoms of at least this many elements run on
+    #: the compiled kernels (per-channel passes in parallel, sums in float64).
+    accel_min_elements = 1 << 16
 
     def setup(self, bottom, top):
         p = self.layer_param.batch_norm_param
@@ -322,15 +328,27 @@ class BatchNormLayer(Layer):
         dt = x.dtype.type
         mean_sum, var_sum, sf = (bl.data for bl in self.blobs[:3])
         m = x.shape[0] * x.shape[2]
+        k = accel.kernels_for(x, y, min_elements=self.accel_min_elements)
         if self.use_global_stats:
             s = sf.reshape(-1)[0]
             factor = dt(0) if s == 0 else dt(1) / dt(s)
             mean = factor * mean_sum.reshape(-1)
             var = factor * var_sum.reshape(-1)
             std = xp.sqrt(var + dt(self.eps))
-            xp.subtract(x, mean.reshape(1, -1, 1), out=y)
-            y /= std.reshape(1, -1, 1)
+            if k is not None:
+                k.bn_apply(x, y, mean, std)
+            else:
+                xp.subtract(x, mean.reshape(1, -1, 1), out=y)
+                y /= std.reshape(1, -1, 1)
             self._z = None
+        elif k is not None:
+            # the compiled kernel: the same three passes per channel, in parallel
+            z = _buffer(self, "_z_store", x.shape, x.dtype, xp) if top[0] is bottom[0] else y
+            c = self.channels
+            mean, var, std = (numpy.empty(c, x.dtype) for _ in range(3))
+            k.bn_train_forward(x, y, z, mean, var, std, numpy.array([self.eps], x.dtype))
+            self._update_moving_averages(mean, var, m, dt)
+            self._z = z if z is not y else None
         else:
             # Two passes as Caffe (mean, then the mean of (x - mean)^2).  The
             # centred values z = x - mean are what backward needs; in place
@@ -349,17 +367,23 @@ class BatchNormLayer(Layer):
                 xp.subtract(x2[r0:r1], mean_rows[r0:r1], out=zb)
                 _row_dots(xp, zb, zb, per[r0:r1])
             var = per.reshape(n, c).sum(axis=0) / dt(m)
-            maf = dt(self.moving_average_fraction)
-            sf *= maf
-            sf += dt(1)
-            mean_sum[...] = mean.reshape(mean_sum.shape) + maf * mean_sum
-            corr = dt(m) / dt(m - 1) if m > 1 else dt(1)
-            var_sum[...] = corr * var.reshape(var_sum.shape) + maf * var_sum
+            self._update_moving_averages(mean, var, m, dt)
             std = xp.sqrt(var + dt(self.eps))
             xp.divide(z, std.reshape(1, -1, 1), out=y)
             self._z = z if z is not y else None
         self._std = std
         self._mean = mean
+
+    def _update_moving_averages(self, mean, var, m, dt):
+        """Caffe's running sums: s = maf*s + 1, mean_sum = mean + maf*mean_sum,
+        var_sum = m/(m-1) var + maf*var_sum (the unbiased variance)."""
+        mean_sum, var_sum, sf = (bl.data for bl in self.blobs[:3])
+        maf = dt(self.moving_average_fraction)
+        sf *= maf
+        sf += dt(1)
+        mean_sum[...] = mean.reshape(mean_sum.shape) + maf * mean_sum
+        corr = dt(m) / dt(m - 1) if m > 1 else dt(1)
+        var_sum[...] = corr * var.reshape(var_sum.shape) + maf * var_sum
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -374,6 +398,15 @@ class BatchNormLayer(Layer):
         dt = dy.dtype.type
         m = dy.shape[0] * dy.shape[2]
         z = self._z
+        src = self._view(bottom[0].data) if z is None else z
+        k = accel.kernels_for(dy, dx, src, min_elements=self.accel_min_elements)
+        if k is not None and isinstance(self._std, numpy.ndarray):
+            c = self.channels
+            mean = self._mean if z is None else numpy.zeros(c, dy.dtype)   # z - 0 is z
+            k.bn_train_backward(dy, src, mean.astype(dy.dtype, copy=False),
+                                self._std.astype(dy.dtype, copy=False), dx,
+                                numpy.empty(c, dy.dtype), numpy.empty(c, dy.dtype))
+            return
         work = scratch(xp, dy.shape, dy.dtype)
         if z is None:   # out of place: the bottom still holds x
             z = xp.subtract(self._view(bottom[0].data), self._mean.reshape(1, -1, 1), out=work)

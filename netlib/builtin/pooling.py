@@ -435,13 +435,7 @@ class PoolingLayer(Layer):
                 return None
             if forward and (self.stride_h == 1 or self.stride_w == 1):
                 return None
-        k = accel.kernels()
-        if k is None:
-            return None
-        for a in arrays:
-            if not a.flags.c_contiguous or a.dtype not in (numpy.float32, numpy.float64):
-                return None
-        return k
+        return accel.kernels_for(*arrays)
 
     @staticmethod
     def _planes(a):
