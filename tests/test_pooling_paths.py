@@ -158,7 +158,7 @@ def _engine(request):
     want = str(params.get("path")).startswith("numba")
     if want and not accel.available():
         pytest.skip("numba is not installed (the optional accelerator)")
-    old = accel.set_enabled(want)
+    old = accel.set_enabled(want, everywhere=True)
     yield
     accel.set_enabled(old)
 
@@ -399,3 +399,21 @@ def test_accelerator_switch_and_status(monkeypatch):
         assert (accel.kernels() is not None) == accel.available()
     finally:
         accel.set_enabled(old)
+
+
+def test_inference_stays_on_numpy_unless_asked():
+    # TEST-phase layers do not load numba's runtime (~90 MB resident) by default
+    if not accel.available():
+        pytest.skip("numba is not installed (the optional accelerator)")
+    x = np.zeros((4, 4), np.float32)
+    old, old_inf = accel.set_enabled(True), accel.set_inference(False)
+    try:
+        assert accel.kernels_for(x, phase=0) is not None
+        assert accel.kernels_for(x, phase=1) is None
+        accel.set_inference(True)
+        assert accel.kernels_for(x, phase=1) is not None
+        assert accel.kernels_for(x[:, ::2], phase=0) is None           # strided: NumPy
+        assert accel.kernels_for(x.astype(np.int32), phase=0) is None  # not float
+    finally:
+        accel.set_enabled(old)
+        accel.set_inference(old_inf)

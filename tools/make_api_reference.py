@@ -55,6 +55,8 @@ SECTIONS = [
                                                "coord_map", "compose", "inverse"]),
     ("Running unchanged `import caffe` code", "netlib.compat", ["run", "install", "uninstall"]),
     ("Checking a layer's gradient", "netlib.testing", ["check_gradient"]),
+    ("Optional compiled kernels (`netlib.accel`, numba)", "netlib.accel", [
+        "available", "enabled", "set_enabled", "kernels", "kernels_for", "status"]),
 ]
 
 

@@ -808,7 +808,8 @@ class ScaleLayer(Layer):
         s = self._scale(bottom).data.reshape(dim)
         bias = None
         fused_bias = self.bias_layer is not None and tuple(self.bias_layer.dims) == tuple(self.dims)
-        k = accel.kernels_for(x, top[0].data, s, min_elements=self.accel_min_elements)
+        k = accel.kernels_for(x, top[0].data, s, min_elements=self.accel_min_elements,
+                              phase=self.phase)
         if k is not None:
             b = self.bias_layer._bias([top[0]]).data.reshape(dim) if fused_bias else s
             k.scale_forward(x.reshape(self.dims), self._saved.reshape(self.dims) if copy else x.reshape(self.dims),
@@ -884,7 +885,8 @@ class ScaleLayer(Layer):
         dx = bottom[0].diff if propagate_down[0] else dy
         sv = scale.data.reshape(dim)
         k = accel.kernels_for(dy, dx, sv, *(() if x is None else (x,)),
-                              min_elements=self.accel_min_elements)
+                              min_elements=self.accel_min_elements,
+                              phase=self.phase)
         if k is not None:
             gs, gb = numpy.empty(dim, dy.dtype), numpy.empty(dim, dy.dtype)
             k.scale_backward(dy.reshape(self.dims), dy.reshape(self.dims) if x is None else x.reshape(self.dims),

@@ -142,7 +142,8 @@ class ReLULayer(NeuronLayer):
         xp = bottom[0].xp
         x, y = bottom[0].data, top[0].data
         ns = self.negative_slope
-        k = accel.kernels_for(x, y, min_elements=self.accel_min_elements)
+        k = accel.kernels_for(x, y, min_elements=self.accel_min_elements,
+                              phase=self.phase)
         if k is not None:
             k.relu_forward(x.reshape(-1), y.reshape(-1), self._kernel_consts(x.dtype))
         elif ns == 0:
@@ -165,7 +166,8 @@ class ReLULayer(NeuronLayer):
         xp = bottom[0].xp
         x, dy, dx = bottom[0].data, top[0].diff, bottom[0].diff
         ns = self.negative_slope
-        k = accel.kernels_for(x, dy, dx, min_elements=self.accel_min_elements)
+        k = accel.kernels_for(x, dy, dx, min_elements=self.accel_min_elements,
+                              phase=self.phase)
         if k is not None:
             k.relu_backward(x.reshape(-1), dy.reshape(-1), dx.reshape(-1), self._kernel_consts(x.dtype))
             return

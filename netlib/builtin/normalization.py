@@ -328,7 +328,8 @@ class BatchNormLayer(Layer):
         dt = x.dtype.type
         mean_sum, var_sum, sf = (bl.data for bl in self.blobs[:3])
         m = x.shape[0] * x.shape[2]
-        k = accel.kernels_for(x, y, min_elements=self.accel_min_elements)
+        k = accel.kernels_for(x, y, min_elements=self.accel_min_elements,
+                              phase=self.phase)
         if self.use_global_stats:
             s = sf.reshape(-1)[0]
             factor = dt(0) if s == 0 else dt(1) / dt(s)
@@ -399,7 +400,8 @@ class BatchNormLayer(Layer):
         m = dy.shape[0] * dy.shape[2]
         z = self._z
         src = self._view(bottom[0].data) if z is None else z
-        k = accel.kernels_for(dy, dx, src, min_elements=self.accel_min_elements)
+        k = accel.kernels_for(dy, dx, src, min_elements=self.accel_min_elements,
+                              phase=self.phase)
         if k is not None and isinstance(self._std, numpy.ndarray):
             c = self.channels
             mean = self._mean if z is None else numpy.zeros(c, dy.dtype)   # z - 0 is z

@@ -50,6 +50,11 @@ Pooling (``pooling_param``)
       in raster order on transposed chunks (numpy's pairwise ``sum`` rounds
       differently); backward writes ``0 + g`` (no ``-0``, as Caffe).
 
+    * compiled (:mod:`netlib.accel`, when numba is installed): Caffe's
+      per-window loops themselves, parallel over planes, the argmax as Caffe's
+      flat index; used for backward and for strided forwards with an argmax,
+      where they measured faster (see ``_accel``).
+
     Known deviation (not Caffe's): the MAX offset loops compute
     ``g * (idx == k+1)``, so an inf or NaN top diff also makes the other
     pixels of its window NaN (Caffe routes it to the argmax only, as the
@@ -435,7 +440,7 @@ class PoolingLayer(Layer):
                 return None
             if forward and (self.stride_h == 1 or self.stride_w == 1):
                 return None
-        return accel.kernels_for(*arrays)
+        return accel.kernels_for(*arrays, phase=self.phase)
 
     @staticmethod
     def _planes(a):
