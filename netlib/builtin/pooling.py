@@ -51,9 +51,10 @@ Pooling (``pooling_param``)
       differently); backward writes ``0 + g`` (no ``-0``, as Caffe).
 
     * compiled (:mod:`netlib.accel`, when numba is installed): Caffe's
-      per-window loops themselves, parallel over planes, the argmax as Caffe's
-      flat index; used for backward and for strided forwards with an argmax,
-      where they measured faster (see ``_accel``).
+      per-window loops themselves, parallel over planes (the argmax as Caffe's
+      flat index when the compiled forward made it, else read from the NumPy
+      forward's offsets); used for backward and strided AVE forwards, where
+      they measured faster (see ``_accel``).
 
     Known deviation (not Caffe's): the MAX offset loops compute
     ``g * (idx == k+1)``, so an inf or NaN top diff also makes the other
@@ -429,16 +430,18 @@ class PoolingLayer(Layer):
         with overlapping windows (one pass instead of one per kernel offset),
         up to 8x on large maps with disjoint ones (VGG's 2x2/2; on small maps,
         LeNet's, NumPy's one pass per offset is as fast and needs no thread
-        pool); a forward gains only with strided windows (3x3/2 1.2-1.5x,
-        large 2x2/2 up to 1.15x; 3x3/1 is as fast in NumPy, whose argmax
-        backward then reads); one window over the image (global) stays in
-        NumPy."""
+        pool), reading the argmax of NumPy's forward.  Forward: AVE with
+        strided windows (1.3-1.5x); MAX stays on NumPy: alone the compiled
+        loop is 1.3-1.5x faster, but inside a training step it runs right
+        after a GEMM whose BLAS threads still spin, gets one core, and
+        measured slower (CaffeNet's step 0.87-0.95x with MAX forward on
+        NumPy).  One window over the image (global) stays in NumPy."""
         if self.xp is not numpy or self._whole:
             return None
         if not self.accel_forward_all:
             if self._disjoint and max(a.size for a in arrays) < accel.PARALLEL_MIN_ELEMENTS:
                 return None
-            if forward and (self.stride_h == 1 or self.stride_w == 1):
+            if forward and (self.method == self._P.MAX or self.stride_h == 1 or self.stride_w == 1):
                 return None
         return accel.kernels_for(*arrays, phase=self.phase)
 
