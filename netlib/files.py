@@ -8,6 +8,7 @@ through :func:`atomic_write`: a temporary file in the target's folder, then
 """
 import contextlib
 import os
+import re
 import tempfile
 
 from google.protobuf import message as _message
@@ -30,18 +31,41 @@ def read_text_proto(path, message):
     return parse_text_proto(text, message, path)
 
 
+_DUPLICATE = re.compile(r'Message type "([\w.]+)" should not have multiple "(\w+)" fields\.')
+
+
 def parse_text_proto(text, message, path=None):
-    """Parse prototxt ``text`` into ``message``; errors name path:line:column."""
+    """Parse prototxt ``text`` into ``message`` (cleared first), strictly as
+    Caffe's ``TextFormat::Parse``: a non-repeated field given twice is an
+    error (not "the last value wins"); errors name path:line:column."""
+    message.Clear()              # (C++'s Parse clears; Python's does not)
     try:
-        text_format.Merge(text, message)
+        text_format.Parse(text, message)
     except text_format.ParseError as exc:
         line, column = exc.GetLine(), exc.GetColumn()
         msg = str(exc)
         prefix = "%s:%s : " % (line, column)
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
+        dup = _DUPLICATE.match(msg)
+        if dup:
+            column = _field_column(text, line, column, dup.group(2))
+            msg = ('field "%s" of %s is given twice; it is not a repeated field, so it takes one value '
+                   "(Caffe's parser refuses this too)" % (dup.group(2), dup.group(1)))
         raise ParseError(msg, path, line, column) from None
     return message
+
+
+def _field_column(text, line, column, field):
+    """The column of the field name whose value protobuf's error points at
+    (the last ``field`` token before ``column`` on ``line``); ``column``
+    itself when it cannot be found (the name on an earlier line)."""
+    lines = text.splitlines()
+    if not 1 <= line <= len(lines):
+        return column
+    head = lines[line - 1][:max(0, column - 1)]
+    found = [m.start() for m in re.finditer(r"(?<![\w.])%s\b" % re.escape(field), head)]
+    return found[-1] + 1 if found else column
 
 
 def read_binary_proto(path, message):
