@@ -32,7 +32,7 @@ setup(
         "accel": ACCEL,
         # The test suite: every optional feature, and OpenCV as the independent
         # reference for netlib's own image decoding and resizing.
-        "test": ["pytest>=7", "grpcio-tools>=1.85", "opencv-python-headless>=4.8"] + DATA + PLOT + DRAW + ACCEL,
+        "test": ["pytest>=7", "grpcio-tools>=1.85", "opencv-python-headless>=4.8", "hypothesis>=6.100"] + DATA + PLOT + DRAW + ACCEL,
         "gpu": ["cupy-cuda12x"],
     },
     entry_points={"console_scripts": ["netlib=netlib.tools.cli:main"]},

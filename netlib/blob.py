@@ -9,12 +9,28 @@ lazily) and reshaping reallocates only when the new count exceeds the
 capacity, as Caffe's ``Blob::Reshape`` does.  The array module (``xp``: numpy or cupy) travels with
 the blob so the same layer code runs on either.
 """
+import os
+
 import numpy
 
 from . import backend
 from .errors import ShapeError, WeightsError
 
 MAX_BLOB_AXES = 32
+#: Caffe's Blob::Reshape refuses more elements than INT_MAX ("blob size exceeds INT_MAX").
+INT_MAX = 2 ** 31 - 1
+#: An optional cap on one blob's bytes (``NETLIB_MAX_BLOB_BYTES`` in the
+#: environment, or set this attribute), checked when a shape is set, before
+#: any allocation: a downloaded prototxt cannot ask for more memory than this.
+MAX_BLOB_BYTES = int(os.environ["NETLIB_MAX_BLOB_BYTES"]) if os.environ.get("NETLIB_MAX_BLOB_BYTES") else None
+
+
+def _human_bytes(n):
+    """``n`` bytes as "N bytes (x.y GiB)"."""
+    for unit, size in (("PiB", 2 ** 50), ("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20)):
+        if n >= size:
+            return "%d bytes (%.1f %s)" % (n, n / size, unit)
+    return "%d bytes" % n
 
 
 class Blob:
@@ -60,6 +76,12 @@ class Blob:
         count = 1
         for d in shape:
             count *= d
+        if count > INT_MAX:
+            raise ShapeError("blob shape %s has %d elements (%s): more than Caffe's limit of INT_MAX = %d "
+                             "elements" % (shape, count, _human_bytes(count * self.dtype.itemsize), INT_MAX))
+        if MAX_BLOB_BYTES is not None and count * self.dtype.itemsize > MAX_BLOB_BYTES:
+            raise ShapeError("blob shape %s needs %s, more than the limit of %s (NETLIB_MAX_BLOB_BYTES)"
+                             % (shape, _human_bytes(count * self.dtype.itemsize), _human_bytes(MAX_BLOB_BYTES)))
         self._shape = shape
         self._count = count
         self._data_view = None
@@ -307,6 +329,7 @@ class Blob:
         """
         shape = proto_shape(proto)
         if reshape:
+            check_proto_count(proto, "data")         # before allocating what the shape asks
             self.reshape(shape)
         elif not shape_equals(proto, self._shape):
             raise WeightsError("shape mismatch: stored blob has shape %s, target blob has shape %s"
@@ -377,7 +400,26 @@ def array_to_blobproto(arr, diff=None):
     return proto
 
 
+def check_proto_count(proto, which="data"):
+    """The value count of a BlobProto, checked against its shape (no
+    negative dimension, as many values as the shape holds) before anything
+    of that shape is allocated; raises WeightsError (a ValueError, as
+    pycaffe's reshape error was)."""
+    shape = proto_shape(proto)
+    n = len(getattr(proto, "double_" + which)) or len(getattr(proto, which))
+    count = 1
+    for d in shape:
+        count *= int(d)
+    if any(int(d) < 0 for d in shape) or n != count:
+        raise WeightsError("stored blob has %d values for shape %s (%s expected, in %s)"
+                           % (n, describe_proto_shape(proto),
+                              "a non-negative shape" if any(int(d) < 0 for d in shape) else count, which))
+    return n
+
+
 def blobproto_to_array(proto, return_diff=False):
-    """pycaffe's ``io.blobproto_to_array`` (legacy 4-D shape when set)."""
+    """pycaffe's ``io.blobproto_to_array`` (legacy 4-D shape when set); a
+    value count that does not fit the shape is a WeightsError (a ValueError)."""
+    check_proto_count(proto, "diff" if return_diff else "data")
     values = proto_values(proto, "diff" if return_diff else "data")
     return values.reshape(proto_shape(proto))

@@ -49,7 +49,7 @@ import numpy
 from . import random as nrandom
 from .backend import to_numpy
 from .blob import proto_shape, shape_equals
-from .errors import NetlibFileNotFoundError, WeightsError
+from .errors import NetlibError, NetlibFileNotFoundError, WeightsError
 from .files import read_varint
 from .proto import caffe_pb2
 
@@ -292,6 +292,19 @@ def _h5_string(value):
     return str(value)
 
 
+def _h5_int(ds, path, what):
+    """The single integer an HDF5 solver-state scalar holds (Caffe writes a
+    1-element int dataset)."""
+    values = numpy.asarray(ds[()]).ravel()
+    if values.size != 1 or not numpy.issubdtype(values.dtype, numpy.number):
+        raise WeightsError("%s: %s should hold one integer, holds %d values of %s"
+                           % (path, what, values.size, values.dtype))
+    value = values[0]
+    if not numpy.isfinite(value) or abs(float(value)) >= 2 ** 63:
+        raise WeightsError("%s: %s is %r, not an integer" % (path, what, value))
+    return int(value)
+
+
 def read_solver_state(path):
     """Read a ``.solverstate`` (binaryproto) or ``.solverstate.h5`` (by suffix)."""
     path = os.fspath(path)
@@ -299,26 +312,42 @@ def read_solver_state(path):
         raise NetlibFileNotFoundError("%s: no such solver state file" % path)
     if path.endswith(".h5"):
         import h5py
+        from .files import H5_ERRORS, h5_dataset
         try:
             with h5py.File(path, "r") as f:
                 missing = [k for k in ("iter", "history") if k not in f]
                 if missing:
                     raise WeightsError("%s: not a Caffe HDF5 solver state (no %s)" % (path, ", ".join(missing)))
-                iteration = int(f["iter"][()].ravel()[0])
-                learned = _h5_string(f["learned_net"][()]) if "learned_net" in f else None
-                current_step = int(f["current_step"][()].ravel()[0]) if "current_step" in f else 0
+                iteration = _h5_int(h5_dataset(f, "iter", path, "iter"), path, "iter")
+                learned = _h5_string(h5_dataset(f, "learned_net", path, "learned_net")[()]) \
+                    if "learned_net" in f else None
+                current_step = (_h5_int(h5_dataset(f, "current_step", path, "current_step"), path, "current_step")
+                                if "current_step" in f else 0)
                 group = f["history"]
+                if not isinstance(group, h5py.Group):
+                    raise WeightsError("%s: history is not an HDF5 group" % path)
                 history = []
                 for i in range(len(group)):
                     if str(i) not in group:
                         raise WeightsError("%s: history/ has %d entries but no dataset %r"
                                            % (path, len(group), str(i)))
-                    history.append(numpy.asarray(group[str(i)][()]))
+                    values = numpy.asarray(h5_dataset(group, str(i), path, "history/%d" % i)[()])
+                    if not numpy.issubdtype(values.dtype, numpy.number):
+                        raise WeightsError("%s: history/%d holds %s values, not numbers" % (path, i, values.dtype))
+                    history.append(values)
                 extra = None
                 if EXTRA_DATASET in f:
-                    extra = json.loads(_h5_string(f[EXTRA_DATASET][()]))
-        except OSError as exc:
-            raise WeightsError("%s: unreadable HDF5 solver state (truncated or corrupt?): %s" % (path, exc)) from None
+                    try:
+                        extra = json.loads(_h5_string(h5_dataset(f, EXTRA_DATASET, path, EXTRA_DATASET)[()]))
+                    except ValueError:
+                        raise WeightsError("%s: the netlib state entry (%s) is corrupt" % (path, EXTRA_DATASET)) from None
+                    if not isinstance(extra, dict):
+                        raise WeightsError("%s: the netlib state entry (%s) is corrupt" % (path, EXTRA_DATASET))
+        except NetlibError:
+            raise
+        except H5_ERRORS as exc:
+            raise WeightsError("%s: unreadable HDF5 solver state (truncated or corrupt?): %s: %s"
+                               % (path, type(exc).__name__, exc)) from None
         return SolverStateFile(path, "hdf5", iteration, learned or None, current_step, history, extra)
     from .files import read_binary_proto
     state = read_binary_proto(path, caffe_pb2.SolverState())

@@ -135,6 +135,31 @@ def is_hdf5(path):
         return False
 
 
+#: Exceptions h5py raises on a corrupt file (besides OSError): bad heap or
+#: B-tree signatures surface as RuntimeError, broken links as KeyError,
+#: unreadable types as TypeError/ValueError.
+H5_ERRORS = (OSError, RuntimeError, KeyError, TypeError, ValueError, IndexError, UnicodeDecodeError)
+
+
+def h5_dataset(group, key, path, what, shape=None):
+    """``group[key]`` checked before it is read: an HDF5 dataset (not a
+    group), of ``shape`` when given, and holding no more bytes than the file
+    can (an uncompressed dataset larger than the file, as a corrupt header
+    can declare, is refused before any allocation)."""
+    import h5py
+    ds = group.get(key)
+    if not isinstance(ds, h5py.Dataset):
+        raise WeightsError("%s: %s is %s, not an HDF5 dataset" % (path, what, "missing" if ds is None else "a group"))
+    if shape is not None and tuple(ds.shape) != tuple(shape):
+        raise WeightsError("%s: %s has shape %s, %s expected" % (path, what, tuple(ds.shape), tuple(shape)))
+    nbytes = int(ds.size) * int(ds.dtype.itemsize)
+    limit = os.path.getsize(path) * (1 if ds.compression is None else 1024) + (1 << 16)
+    if nbytes > limit:
+        raise WeightsError("%s: %s declares %d bytes (shape %s), more than the file can hold"
+                           % (path, what, nbytes, tuple(ds.shape)))
+    return ds
+
+
 def read_weights_param(path):
     """A binary .caffemodel as an upgraded NetParameter (V1 models included)."""
     from .upgrade import upgrade_net

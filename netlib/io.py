@@ -32,13 +32,21 @@ def blobproto_to_array(blob, return_diff=False):
     fields is set the array is 4-D (num, channels, height, width) (a field
     left unset counts as 0); otherwise it takes ``shape.dim``.  As in
     pycaffe, a blob with neither and a single value gives a 0-d array, and one
-    whose values do not fit the shape raises ValueError (numpy's reshape)."""
+    whose values do not fit the shape raises a ValueError (netlib's
+    WeightsError, checked before any reshape)."""
     # float64 as pycaffe gave on the protobuf of its time (a list of Python
     # floats); newer protobuf hands NumPy a float32 buffer.
-    data = np.array(blob.diff if return_diff else blob.data, dtype=np.float64)
-    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
-        return data.reshape(blob.num, blob.channels, blob.height, blob.width)
-    return data.reshape(tuple(blob.shape.dim))
+    legacy = any(blob.HasField(f) for f in ("num", "channels", "height", "width"))
+    shape = (blob.num, blob.channels, blob.height, blob.width) if legacy else tuple(blob.shape.dim)
+    values = blob.diff if return_diff else blob.data
+    count = 1
+    for d in shape:
+        count *= int(d)
+    if len(values) != count or any(int(d) < 0 for d in shape):
+        from .errors import WeightsError        # a ValueError, as pycaffe's reshape error
+        raise WeightsError("BlobProto: %d values cannot take the shape %s" % (len(values), shape))
+    data = np.array(values, dtype=np.float64)
+    return data.reshape(shape)
 
 
 def array_to_blobproto(arr, diff=None):

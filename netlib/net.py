@@ -26,7 +26,8 @@ from . import backend
 from .blob import Blob
 from .errors import (ConfigError, LayerError, NetlibError, NetlibFileNotFoundError, ShapeError,
                      WeightsError)
-from .files import is_hdf5, read_net_param, read_weights_param, write_binary_proto, atomic_write
+from .files import (H5_ERRORS, atomic_write, h5_dataset, is_hdf5, read_net_param, read_weights_param,
+                    write_binary_proto)
 from .layer import create_layer
 from .proto import caffe_pb2
 
@@ -130,6 +131,14 @@ def insert_splits(param):
 
 
 _ALSO = {}
+
+
+def _name_the_layer(exc, layer):
+    """Prefix a netlib error raised below a layer (a blob's size check, say)
+    with the layer's name and type, unless it already names them."""
+    desc = layer.describe()
+    if exc.args and isinstance(exc.args[0], str) and desc not in exc.args[0]:
+        exc.args = ("%s: %s" % (desc, exc.args[0]),) + exc.args[1:]
 
 
 def _also(error_cls, builtin_cls):
@@ -361,7 +370,8 @@ class Net:
     def _setup_layer(self, layer, bottoms, tops):
         try:
             layer.SetUp(bottoms, tops)
-        except NetlibError:
+        except NetlibError as exc:
+            _name_the_layer(exc, layer)
             raise
         except Exception as exc:  # numpy/protobuf errors from inside a layer
             raise _also(LayerError, type(exc))("%s: setup failed: %s: %s; bottom shapes %s"
@@ -923,11 +933,15 @@ class Net:
                             continue  # shared: the owner carries it
                         raise WeightsError("%s: incompatible number of blobs for layer %r: param %d missing"
                                            % (path, name, j))
-                    values = group[key][()]
-                    if tuple(values.shape) != tuple(blob.shape):
+                    ds = h5_dataset(group, key, path, "data/%s/%s" % (name, key))
+                    if tuple(ds.shape) != tuple(blob.shape):      # checked before the read
                         raise WeightsError("%s: cannot copy param %d weights from layer %r; shape mismatch. "
                                            "Source param shape is %s; target param shape is %s"
-                                           % (path, j, name, tuple(values.shape), tuple(blob.shape)))
+                                           % (path, j, name, tuple(ds.shape), tuple(blob.shape)))
+                    values = ds[()]
+                    if not numpy.issubdtype(values.dtype, numpy.number):
+                        raise WeightsError("%s: data/%s/%s holds %s values, not numbers"
+                                           % (path, name, key, values.dtype))
                     blob.data[...] = self.xp.asarray(values, dtype=blob.dtype)
 
     def copy_from(self, path):
@@ -937,16 +951,19 @@ class Net:
             from .errors import NetlibFileNotFoundError
             raise NetlibFileNotFoundError("%s: no such weights file" % path)
         if is_hdf5(path):
-            try:
-                self.copy_trained_layers_from_hdf5(path)
-            except (OSError, KeyError) as exc:
-                raise WeightsError("%s: unreadable HDF5 weights (truncated or corrupt?): %s" % (path, exc)) from None
+            self.load_hdf5(path)
         else:
             self.copy_trained_layers_from(read_weights_param(path), path)
 
     def load_hdf5(self, path):
         """Load weights from Caffe's HDF5 format (``/data/<layer>/<i>``), by layer name."""
-        self.copy_trained_layers_from_hdf5(path)
+        try:
+            self.copy_trained_layers_from_hdf5(path)
+        except NetlibError:
+            raise
+        except H5_ERRORS as exc:
+            raise WeightsError("%s: unreadable HDF5 weights (truncated or corrupt?): %s: %s"
+                               % (path, type(exc).__name__, exc)) from None
 
     def to_proto(self, write_diff=False):
         """A NetParameter with every layer's definition and its blobs."""

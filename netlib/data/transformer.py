@@ -28,7 +28,7 @@ import numpy
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..blob import blobproto_to_array
-from ..errors import ConfigError, NetlibFileNotFoundError, ShapeError
+from ..errors import ConfigError, NetlibFileNotFoundError, ShapeError, WeightsError
 from ..files import read_blobproto
 from ..proto import caffe_pb2
 from .datum import decode_mode
@@ -167,7 +167,12 @@ def load_mean(path, dtype=numpy.float32):
     """A mean ``.binaryproto`` as a (C, H, W) array (legacy 4-D num = 1)."""
     if not os.path.isfile(path):
         raise NetlibFileNotFoundError("mean file %s not found (transform_param.mean_file)" % path)
-    arr = numpy.asarray(blobproto_to_array(read_blobproto(path)))
+    try:
+        arr = numpy.asarray(blobproto_to_array(read_blobproto(path)))
+    except WeightsError as exc:
+        if path in str(exc):
+            raise
+        raise WeightsError("mean file %s: %s" % (path, exc)) from None
     if arr.ndim == 4 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 3:
