@@ -103,10 +103,10 @@ def _build_parser():
     p.add_argument("--model", default="")
     p.add_argument("--weights", default="")
     p.add_argument("--snapshot", default="")
-    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--iterations", type=_int32("--iterations"), default=50)
     p.add_argument("--memory", action="store_true")
     p.add_argument("--phase", default="")
-    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--level", type=_int32("--level"), default=0)
     p.add_argument("--stage", default="")
     p.add_argument("--gpu", default="")
     p.add_argument("--sigint_effect", default="stop")
@@ -155,6 +155,20 @@ def normalize_argv(argv):
             arg = "-" + arg
         out.append(arg)
     return out
+
+
+def _int32(flag):
+    """An argparse type: an integer that fits Caffe's int32 flags."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%s takes an integer, got %r" % (flag, text)) from None
+        if not -2 ** 31 <= value < 2 ** 31:
+            raise argparse.ArgumentTypeError("%s %s is out of range (a 32-bit integer, as Caffe's flag)"
+                                             % (flag, text))
+        return value
+    return parse
 
 
 def parse_args(argv):
@@ -627,7 +641,9 @@ _HANDLERS = {"train": cmd_train, "test": cmd_test, "time": cmd_time,
 
 
 def _one_line(text):
-    return " ".join(str(text).split())
+    """The message on one line, printable on any stream (undecodable
+    arguments, kept by Python as surrogates, are shown escaped)."""
+    return " ".join(str(text).split()).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def main(argv=None):
