@@ -4,6 +4,38 @@ Every error the library raises on bad input derives from :class:`NetlibError`,
 so a caller (and the ``netlib`` command) can catch one class and print one
 clear line.  Subclasses also derive from the matching built-in exception
 (``ValueError``, ``FileNotFoundError``...) so generic handlers keep working.
+
+What each reader raises; every message names the file.  For the prototxt,
+caffemodel, solver-state, HDF5 and mean readers and the command line, the
+fuzz tests (tests/test_fuzz_readers.py, tests/test_fuzz_cli.py) check that
+nothing else escapes, whatever the bytes; the database, image and list
+readers are not fuzzed yet:
+
+================================  ==============================================
+reader                            errors
+================================  ==============================================
+prototxt nets and solvers         ParseError (``file:line:column``: syntax, unknown
+                                  field or enum value, a non-repeated field given
+                                  twice), NetlibFileNotFoundError; then ConfigError,
+                                  LayerError/ShapeError when the net is built (the
+                                  message names layer, type and shapes; a blob over
+                                  INT_MAX elements or ``NETLIB_MAX_BLOB_BYTES`` is a
+                                  ShapeError before any allocation)
+binary .caffemodel, .solverstate  WeightsError (truncated/corrupt proto, blob count
+                                  vs shape, shape vs the layer's blob)
+HDF5 weights and solver states    WeightsError (corrupt file, a dataset that is
+                                  missing, of the wrong shape or type, or larger than
+                                  the file can hold: refused before it is read)
+mean .binaryproto                 WeightsError, ShapeError (not a (1, C, H, W) blob)
+LMDB / LevelDB, images, lists     ConfigError, NetlibFileNotFoundError
+================================  ==============================================
+
+Exit codes of the ``netlib`` command: 0 success; 1 any error, printed as one
+line ``netlib: error: ...`` (a NetlibError, a usage error, an OS error such as
+a full disk, MemoryError; an unexpected exception is also one line, marked
+"internal error", with the traceback under ``NETLIB_DEBUG=1``); 130 when
+interrupted by Ctrl-C outside training (in training SIGINT and SIGHUP follow
+``--sigint_effect`` / ``--sighup_effect`` as in Caffe).
 """
 
 
