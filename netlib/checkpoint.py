@@ -49,7 +49,7 @@ import numpy
 from . import random as nrandom
 from .backend import to_numpy
 from .blob import proto_shape, shape_equals
-from .errors import NetlibError, NetlibFileNotFoundError, WeightsError
+from .errors import NetlibError, NetlibFileNotFoundError, SnapshotError, WeightsError
 from .files import read_varint
 from .proto import caffe_pb2
 
@@ -229,39 +229,48 @@ def _h5_write_int(group, name, value):
 
 def write_solver_state_hdf5(path, iteration, learned_net, current_step, history, extra=None):
     """Write Caffe's HDF5 solver state (+ ``netlib_state``) atomically."""
-    import h5py
-    from .files import atomic_write
-    with atomic_write(path, mode=None) as tmp:
-        with h5py.File(tmp, "w") as f:
-            _h5_write_int(f, "iter", iteration)
-            _h5_write_string(f, "learned_net", learned_net)
-            _h5_write_int(f, "current_step", current_step)
-            group = f.create_group("history")
-            for i, h in enumerate(history):
-                arr = to_numpy(h.data if hasattr(h, "data") else h)
-                group.create_dataset(str(i), data=arr)
-            if extra is not None:
-                _h5_write_string(f, EXTRA_DATASET, _dump_extra(extra))
+    from .files import atomic_hdf5
+    with atomic_hdf5(path) as f:
+        _h5_write_int(f, "iter", iteration)
+        _h5_write_string(f, "learned_net", learned_net)
+        _h5_write_int(f, "current_step", current_step)
+        group = f.create_group("history")
+        for i, h in enumerate(history):
+            arr = to_numpy(h.data if hasattr(h, "data") else h)
+            group.create_dataset(str(i), data=arr)
+        if extra is not None:
+            _h5_write_string(f, EXTRA_DATASET, _dump_extra(extra))
 
 
 def snapshot(solver):
     """Caffe's Solver::Snapshot: weights, then the solver state.
 
-    Returns ``(weights_path, state_path)``."""
+    Returns ``(weights_path, state_path)``.  A write that fails (a full or
+    read-only disk) is a SnapshotError (an OSError) naming the file; every earlier snapshot
+    stays as it was (each file is written to a temporary name, then renamed)."""
+    try:
+        return _snapshot(solver)
+    except OSError as exc:
+        target = getattr(exc, "filename", None) or getattr(solver, "_snapshot_target", "the snapshot")
+        raise SnapshotError("could not write snapshot %s: %s; the previous snapshot files are intact"
+                          % (target, exc.strerror or exc)) from None
+
+
+def _snapshot(solver):
     p = solver.param
     if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
-        model = solver.snapshot_filename(".caffemodel.h5")
+        model = solver._snapshot_target = solver.snapshot_filename(".caffemodel.h5")
         log.info("Snapshotting to HDF5 file %s", model)
         save_net_hdf5(solver.net, model, p.snapshot_diff)
-        state = solver.snapshot_filename(".solverstate.h5")
+        state = solver._snapshot_target = solver.snapshot_filename(".solverstate.h5")
         log.info("Snapshotting solver state to HDF5 file %s", state)
         write_solver_state_hdf5(state, solver.iter, model, solver.current_step, solver.history,
                                 extra_state(solver))
     else:
-        model = solver.snapshot_filename(".caffemodel")
+        model = solver._snapshot_target = solver.snapshot_filename(".caffemodel")
         log.info("Snapshotting to binary proto file %s", model)
         save_net_binaryproto(solver.net, model, p.snapshot_diff)
-        state = solver.snapshot_filename(".solverstate")
+        state = solver._snapshot_target = solver.snapshot_filename(".solverstate")
         log.info("Snapshotting solver state to binary proto file %s", state)
         write_solver_state_binaryproto(state, solver.iter, model, solver.current_step, solver.history,
                                        extra_state(solver))

@@ -30,9 +30,14 @@ mean .binaryproto                 WeightsError, ShapeError (not a (1, C, H, W) b
 LMDB / LevelDB, images, lists     ConfigError, NetlibFileNotFoundError
 ================================  ==============================================
 
+Writing: a snapshot that cannot be written (full or read-only disk) is a
+SnapshotError naming the file, the earlier snapshots intact; every file netlib
+writes goes to a hidden temporary name, is fsync'd, then renamed (and the
+folder fsync'd), and a start of training removes a killed run's leftovers.
+
 Exit codes of the ``netlib`` command: 0 success; 1 any error, printed as one
-line ``netlib: error: ...`` (a NetlibError, a usage error, an OS error such as
-a full disk, MemoryError; an unexpected exception is also one line, marked
+line ``netlib: error: ...`` (a NetlibError, a usage error, an OS error,
+MemoryError; an unexpected exception is also one line, marked
 "internal error", with the traceback under ``NETLIB_DEBUG=1``); 130 when
 interrupted by Ctrl-C outside training (in training SIGINT and SIGHUP follow
 ``--sigint_effect`` / ``--sighup_effect`` as in Caffe).
@@ -83,3 +88,8 @@ class NetlibFileNotFoundError(NetlibError, FileNotFoundError):
 
 class SolverError(NetlibError, RuntimeError):
     """Training cannot go on (for example the loss became NaN)."""
+
+
+class SnapshotError(SolverError, OSError):
+    """A snapshot file that could not be written (a full or read-only disk);
+    the earlier snapshots are intact.  Also an ``OSError``."""

@@ -191,16 +191,67 @@ def atomic_write(path, mode="wb"):
         if mode is None:
             os.close(fd)
             yield tmp
+            _fsync_path(tmp)                 # what the library wrote, on disk before the rename
         else:
             with os.fdopen(fd, mode) as handle:
                 yield handle
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_path(folder)                  # the rename itself survives a crash
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_hdf5(path):
+    """An ``h5py.File`` built in memory, then written to ``path`` through
+    :func:`atomic_write` (fsync'd, renamed): a full disk or a file-size limit
+    is then a plain ``OSError`` from Python's own write, never a failed write
+    inside the HDF5 library (which can crash the process, measured with
+    h5py 3 on EFBIG)."""
+    import io
+    import h5py
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        yield f
+    with atomic_write(path) as handle:
+        handle.write(buf.getbuffer())
+
+
+def _fsync_path(path):
+    """fsync a file or a directory by name (directories: where the OS allows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:                          # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(prefix):
+    """Remove the temporary files an interrupted :func:`atomic_write` of a
+    snapshot ``prefix_iter_*`` left behind (``.NAME.XXXX.tmp``: hidden, never
+    under a snapshot's name); returns their paths."""
+    folder = os.path.dirname(os.path.abspath(prefix))
+    start = "." + os.path.basename(prefix) + "_iter_"
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if name.startswith(start) and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+    return removed
 
 
 def read_varint(data, pos):

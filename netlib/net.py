@@ -26,7 +26,7 @@ from . import backend
 from .blob import Blob
 from .errors import (ConfigError, LayerError, NetlibError, NetlibFileNotFoundError, ShapeError,
                      WeightsError)
-from .files import (H5_ERRORS, atomic_write, h5_dataset, is_hdf5, read_net_param, read_weights_param,
+from .files import (H5_ERRORS, h5_dataset, is_hdf5, read_net_param, read_weights_param,
                     write_binary_proto)
 from .layer import create_layer
 from .proto import caffe_pb2
@@ -984,21 +984,20 @@ class Net:
     def save_hdf5(self, path, write_diff=False):
         """Write Caffe's HDF5 weights: /data/<layer>/<i> (and /diff/...) for
         every layer; parameters shared from another layer are not written."""
-        import h5py
-        with atomic_write(path, mode=None) as tmp:
-            with h5py.File(tmp, "w") as f:
-                groups = [f.create_group("data")]
-                if write_diff:
-                    groups.append(f.create_group("diff"))
-                for layer_id, (name, layer) in enumerate(zip(self.layer_names, self.layers)):
-                    g_data = groups[0].create_group(name)
-                    g_diff = groups[1].create_group(name) if write_diff else None
-                    for j, blob in enumerate(layer.blobs):
-                        if self._param_owner[self.param_id_vecs[layer_id][j]] != -1:
-                            continue
-                        g_data.create_dataset(str(j), data=backend.to_numpy(blob.data))
-                        if g_diff is not None:
-                            g_diff.create_dataset(str(j), data=backend.to_numpy(blob.diff))
+        from .files import atomic_hdf5
+        with atomic_hdf5(path) as f:
+            groups = [f.create_group("data")]
+            if write_diff:
+                groups.append(f.create_group("diff"))
+            for layer_id, (name, layer) in enumerate(zip(self.layer_names, self.layers)):
+                g_data = groups[0].create_group(name)
+                g_diff = groups[1].create_group(name) if write_diff else None
+                for j, blob in enumerate(layer.blobs):
+                    if self._param_owner[self.param_id_vecs[layer_id][j]] != -1:
+                        continue
+                    g_data.create_dataset(str(j), data=backend.to_numpy(blob.data))
+                    if g_diff is not None:
+                        g_diff.create_dataset(str(j), data=backend.to_numpy(blob.diff))
 
     def close(self):
         """Stop the data layers' prefetch threads and close their databases

@@ -256,6 +256,9 @@ class Solver(abc.ABC):
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise ConfigError("%sCannot write to snapshot prefix '%s'. Make sure that the directory "
                               "exists and is writable." % (self._where, p.snapshot_prefix))
+        from .files import remove_stale_temp_files
+        for stale in remove_stale_temp_files(p.snapshot_prefix):   # a run killed mid-snapshot
+            log.info("Removed %s, the temporary file of an interrupted snapshot", stale)
 
     def _resolve(self, path, field):
         """A path from the solver file: as given (CWD), else under the solver
