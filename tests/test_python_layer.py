@@ -428,3 +428,45 @@ def test_layer_type_list_has_the_standard_types():
 def test_layer_type_list_has_python():
     assert "Python" in _golden("layer_type_list")
     assert "Python" in netlib.layer_type_list()
+
+
+def test_no_file_netlib_reads_runs_code_with_python_layers_off(tmp_path, monkeypatch):
+    # every reader, fed files that name an importable module whose import leaves a
+    # marker: with the switch off the module is never imported, whatever the file
+    from netlib.checkpoint import read_solver_state
+    from netlib.proto import caffe_pb2
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    marker = tmp_path / "was_imported.txt"
+    (folder / "netlib_evil_reader.py").write_text('open(%r, "w").write("ran")\nimport netlib\n'
+                                                   'class L(netlib.Layer):\n    pass\n' % str(marker))
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    text = input_net(python_layer("netlib_evil_reader", "L"))
+    (folder / "net.prototxt").write_text(text)
+    (folder / "solver.prototxt").write_text('net: "net.prototxt" base_lr: 0.1 max_iter: 1 lr_policy: "fixed"')
+    # a caffemodel and a solver state whose layer definitions name the module
+    param = caffe_pb2.NetParameter()
+    from google.protobuf import text_format
+    text_format.Parse(text, param)
+    param.layer[-1].blobs.add().data.append(1.0)
+    (folder / "evil.caffemodel").write_bytes(param.SerializeToString())
+    state = caffe_pb2.SolverState(iter=1, learned_net="evil.caffemodel")
+    (folder / "evil.solverstate").write_bytes(state.SerializeToString())
+    plain = netlib.Net(input_net(""), netlib.TEST)
+    old = netlib.set_python_layers_allowed(False)
+    try:
+        with pytest.raises(netlib.ConfigError):
+            netlib.Net("net.prototxt", netlib.TEST)
+        with pytest.raises(netlib.ConfigError):
+            netlib.get_solver("solver.prototxt")
+        netlib.files.read_net_param("net.prototxt")          # parsing alone never imports
+        plain.copy_from("evil.caffemodel")                   # weights: blobs by layer name only
+        read_solver_state("evil.solverstate")
+        for args in (["train", "--solver", "solver.prototxt"],
+                     ["test", "--model", "net.prototxt", "--weights", "evil.caffemodel"],
+                     ["time", "--model", "net.prototxt"]):
+            assert cli.main(args) == 1
+    finally:
+        netlib.set_python_layers_allowed(old)
+    assert not marker.exists() and "netlib_evil_reader" not in sys.modules
