@@ -454,7 +454,8 @@ def test_no_file_netlib_reads_runs_code_with_python_layers_off(tmp_path, monkeyp
     state = caffe_pb2.SolverState(iter=1, learned_net="evil.caffemodel")
     (folder / "evil.solverstate").write_bytes(state.SerializeToString())
     plain = netlib.Net(input_net(""), netlib.TEST)
-    old = netlib.set_python_layers_allowed(False)
+    old = netlib.python_layer.python_layers_allowed()
+    netlib.set_python_layers_allowed(False)
     try:
         with pytest.raises(netlib.ConfigError):
             netlib.Net("net.prototxt", netlib.TEST)
