@@ -237,7 +237,7 @@ def _fsync_path(path):
 
 def remove_stale_temp_files(prefix):
     """Remove the temporary files an interrupted :func:`atomic_write` of a
-    snapshot ``prefix_iter_*`` left behind (``.NAME.XXXX.tmp``: hidden, never
+    snapshot ``prefix_iter_*`` left behind (``.NAME.<random>.tmp``: hidden, never
     under a snapshot's name); returns their paths."""
     folder = os.path.dirname(os.path.abspath(prefix))
     start = "." + os.path.basename(prefix) + "_iter_"
