@@ -8,11 +8,14 @@ Mutations of a real file from ../shared/reference: bit flips, truncation,
 byte insertion, deletion and overwriting (length-preserving), a splice with another real file, NUL bytes,
 invalid UTF-8, and for text files huge or negative numbers and wrong enum
 names.  Seeded (``derandomize``) and bounded so CI runs a few hundred cases
-per reader; a long run::
+per reader; a long run, with the counts per reader (loaded / clean error)
+written as JSON to the report file::
 
-    NETLIB_FUZZ_EXAMPLES=10000 python -m pytest -q tests/test_fuzz_readers.py
+    NETLIB_FUZZ_EXAMPLES=10000 NETLIB_FUZZ_REPORT=fuzz.json python -m pytest -q tests/test_fuzz_readers.py
 """
+import collections
 import contextlib
+import json
 import os
 import re
 import signal
@@ -32,6 +35,18 @@ from netlib.checkpoint import read_solver_state  # noqa: E402
 EXAMPLES = int(os.environ.get("NETLIB_FUZZ_EXAMPLES", "150"))
 REF = os.path.join(SHARED, "reference")
 MODELS = os.path.join(REF, "models")
+
+COUNTS = collections.defaultdict(collections.Counter)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    path = os.environ.get("NETLIB_FUZZ_REPORT")
+    if path:
+        with open(path, "w") as fh:
+            json.dump({k: dict(v) for k, v in COUNTS.items()}, fh, indent=1, sort_keys=True)
+
 
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
@@ -107,12 +122,16 @@ def check(tmp_path, data, reader, suffix):
     path = str(tmp_path / ("fuzzed" + suffix))
     with open(path, "wb") as fh:
         fh.write(data)
+    key = "%s %s" % (getattr(reader, "__name__", reader), suffix)
     try:
         with _alarm():
             reader(path)
     except NetlibError as exc:
         assert path in str(exc) or os.path.basename(path) in str(exc), \
             "error does not name the file: %s: %s" % (type(exc).__name__, exc)
+        COUNTS[key]["clean error"] += 1
+    else:
+        COUNTS[key]["loaded"] += 1
 
 
 # -- readers -------------------------------------------------------------------------
