@@ -92,6 +92,7 @@ def test_fuzz_command_line(tmp_path, monkeypatch, capsys):
     (["train", "--solver", "solver.prototxt", "--level", "99999999999999999999"], "--level"),
     (["time", "--model", "net.prototxt", "--iterations", "2147483648"], "out of range"),
     (["train", "--solver", "\udcffx.prototxt"], "\\udcff"),        # shown escaped, not a UnicodeEncodeError
+    (["train", "--log", "\x00"], "NUL byte"),                      # found by the 10,000-case run
 ])
 def test_found_by_fuzzing(tmp_path, monkeypatch, capsys, args, fragment):
     _work(tmp_path)

@@ -173,6 +173,11 @@ def _int32(flag):
 
 def parse_args(argv):
     args = _build_parser().parse_intermixed_args(normalize_argv(argv))
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and "\0" in v for v in values):     # no file name can hold one
+            raise UsageError("argument %s contains a NUL byte"
+                             % ("--" + name if name not in ("command", "rest") else name))
     for name in ("sigint_effect", "sighup_effect"):
         value = getattr(args, name).lower()
         if value not in ("stop", "snapshot", "none"):
