@@ -454,12 +454,12 @@ class PoolingLayer(Layer):
         return (self.kernel_h, self.kernel_w, self.stride_h, self.stride_w, self.pad_h, self.pad_w)
 
     def _forward_max(self, x, y, top):
+        k = self._accel(x, y, forward=True)
         if self._wants_argmax(top):
-            self._compute_argmax(x, y, self._accel(x, y, forward=True))
-        elif self.accel_forward_all and self._accel(x, y, forward=True) is not None:
+            self._compute_argmax(x, y, k)
+        elif self.accel_forward_all and k is not None:
             # (by default NumPy: without an argmax its fmax passes are faster)
-            self._accel(x, y).max_pool_forward(self._planes(x), self._planes(y), self._no_index(),
-                                               *self._geometry(), False)
+            k.max_pool_forward(self._planes(x), self._planes(y), self._no_index(), *self._geometry(), False)
         elif self._whole:
             self._whole_max(x, y, None)
         elif self._cl_ok(x.shape):
