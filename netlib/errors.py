@@ -5,11 +5,11 @@ so a caller (and the ``netlib`` command) can catch one class and print one
 clear line.  Subclasses also derive from the matching built-in exception
 (``ValueError``, ``FileNotFoundError``...) so generic handlers keep working.
 
-What each reader raises; every message names the file.  For the prototxt,
-caffemodel, solver-state, HDF5 and mean readers and the command line, the
-fuzz tests (tests/test_fuzz_readers.py, tests/test_fuzz_cli.py) check that
-nothing else escapes, whatever the bytes; the database, image and list
-readers are not fuzzed yet:
+What each reader raises; every message names the file (for a record, the
+database and key; for an image, the image and the list or window file that
+named it).  The fuzz tests (tests/test_fuzz_readers.py, test_fuzz_data.py,
+test_fuzz_cli.py) check for every reader below that nothing else escapes,
+whatever the bytes:
 
 ================================  ==============================================
 reader                            errors
@@ -27,8 +27,26 @@ HDF5 weights and solver states    WeightsError (corrupt file, a dataset that is
                                   missing, of the wrong shape or type, or larger than
                                   the file can hold: refused before it is read)
 mean .binaryproto                 WeightsError, ShapeError (not a (1, C, H, W) blob)
-LMDB / LevelDB, images, lists     ConfigError, NetlibFileNotFoundError
+LMDB / LevelDB databases          DatabaseError (cannot open, corrupt LevelDB, an
+                                  LMDB file shorter than its meta page), DatumError
+                                  (a record that is not a Datum, or whose data does
+                                  not fit its shape), ImageError (an encoded record
+                                  that does not decode), ShapeError (records of one
+                                  batch differ), NetlibFileNotFoundError
+image files                       ImageError (unreadable, not an image, truncated,
+                                  not 8-bit), NetlibFileNotFoundError
+image lists (ImageData)           ConfigError (``list:line``: not ``path label``;
+                                  empty), then the image errors above
+window files (WindowData)         ParseError (``file:line``), ConfigError (missing
+                                  foreground or background windows, a repeated
+                                  image index), ShapeError (a window outside its
+                                  image, not 3 channels), then the image errors
+MNIST IDX files (``data mnist``)  ParseError (bad magic, truncated, corrupt gzip, a
+                                  header over INT_MAX / ``NETLIB_MAX_BLOB_BYTES``)
 ================================  ==============================================
+
+DatabaseError, DatumError and ImageError live in netlib.data (db, datum,
+image); like every class here they derive from NetlibError.
 
 Writing: a snapshot that cannot be written (full or read-only disk) is a
 SnapshotError naming the file, the earlier snapshots intact; every file netlib

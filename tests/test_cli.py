@@ -514,6 +514,26 @@ def test_read_idx_rejects_bad_files(tmp_path):
         mnist.read_idx(str(tmp_path / "cut.gz"))
 
 
+def test_read_idx_corrupt_gzip_and_huge_header(tmp_path, capsys):
+    raw = bytearray(gzip.compress(b"\0\0\x08\x01\0\0\0\xc8" + bytes(range(200)), mtime=0))
+    raw[10] ^= 0xFF                       # the deflate block type: zlib.error, not an OSError
+    (tmp_path / "bad.gz").write_bytes(bytes(raw))
+    with pytest.raises(netlib.NetlibError, match="bad.gz"):
+        mnist.read_idx(str(tmp_path / "bad.gz"))
+    # a 12-byte file whose header declares 2^32 - 1 values: refused before anything is read
+    (tmp_path / "huge").write_bytes(b"\0\0\x08\x01\xff\xff\xff\xff" + b"\0" * 4)
+    with pytest.raises(netlib.NetlibError, match="more than the limit"):
+        mnist.read_idx(str(tmp_path / "huge"))
+    # through the CLI: one line, exit code 1
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for name in mnist.FILES.values():
+        (folder / (name + ".gz")).write_bytes(bytes(raw))
+    code, _, err = run_main(capsys, "data", "mnist", "--from", str(folder), "--out", str(tmp_path / "out"))
+    assert code == 1 and "corrupt gzip" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_data_digits_command(tmp_path, capsys):
     code, _, err = run_main(capsys, "data", "digits", "--out", str(tmp_path))
     assert code == 0, err

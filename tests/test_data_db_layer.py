@@ -224,6 +224,58 @@ def test_worker_failure_surfaces_in_forward(tmp_path):
 
 
 # -- bad input ------------------------------------------------------------------------
+def test_close_after_a_worker_failure_waits_for_the_running_batches():
+    # Found by fuzzing: a failed batch stopped the pool without waiting, so the
+    # layer's close() then released the database under a worker still reading
+    # it (a segfault inside plyvel).  stop(wait=True) must wait for it.
+    import threading
+    import time
+    from netlib.data.prefetch import Prefetcher
+    started, finished = threading.Event(), threading.Event()
+
+    def make(b):
+        if b == 0:
+            started.wait(5)
+            raise ValueError("bad batch")
+        started.set()
+        time.sleep(0.3)
+        finished.set()
+        return b
+
+    p = Prefetcher(make, depth=2, workers=2)
+    with pytest.raises(ValueError, match="bad batch"):
+        p.next()
+    assert not finished.is_set()
+    p.stop(wait=True)
+    assert finished.is_set()
+
+
+@pytest.mark.parametrize("cut", ["half", "last page", "one byte", "meta only"])
+def test_truncated_lmdb_is_a_clean_error(tmp_path, cut):
+    # liblmdb maps the file and would die of SIGBUS reading past its end: the
+    # meta page is checked first.  In a child process, so a regression cannot
+    # take the test run down with it.
+    import subprocess
+    import sys
+    real = shared_path("reference", "caffe_made", "mnist_test_1000_lmdb", "data.mdb")
+    with open(real, "rb") as fh:
+        data = fh.read()
+    keep = {"half": len(data) // 2, "last page": len(data) - 4096, "one byte": len(data) - 1,
+            "meta only": 8192}[cut]
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "data.mdb").write_bytes(data[:keep])
+    code = ("import netlib\n"
+            "try:\n"
+            "    netlib.Net('layer { name: \"d\" type: \"Data\" top: \"data\" data_param { source: \"%s\" "
+            "backend: LMDB batch_size: 10 } }', netlib.TEST).forward()\n"
+            "except netlib.NetlibError as exc:\n"
+            "    print(exc)\n" % (tmp_path / "db"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "truncated" in proc.stdout and str(tmp_path / "db") in proc.stdout
+    assert "needs %d" % len(data) in proc.stdout
+
+
 def test_missing_and_empty_databases(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         data_net(str(tmp_path / "nowhere"))

@@ -16,7 +16,7 @@ hypothesis = pytest.importorskip("hypothesis", reason="the fuzz tests need hypot
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from netlib.tools import cli  # noqa: E402
-from test_fuzz_readers import _alarm  # noqa: E402
+from fuzzing import alarm as _alarm  # noqa: E402
 
 EXAMPLES = int(os.environ.get("NETLIB_FUZZ_EXAMPLES", "150"))
 

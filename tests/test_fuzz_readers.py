@@ -1,55 +1,42 @@
 """Fuzzing netlib's file readers with mutations of real files (hypothesis).
 
-Property, for every reader: a mutated file either loads, or raises a
-:class:`netlib.errors.NetlibError` whose message names the file; never another
-exception type, and never a hang (each case runs under a 10 s alarm).
+Property, for every reader (:func:`fuzzing.check`): a mutated file either
+loads, or raises a :class:`netlib.errors.NetlibError` whose message names the
+file; never another exception type, never a hang (each case runs under a 10 s
+alarm) and never more than 1 GiB of memory per case.
 
 Mutations of a real file from ../shared/reference: bit flips, truncation,
 byte insertion, deletion and overwriting (length-preserving), a splice with another real file, NUL bytes,
 invalid UTF-8, and for text files huge or negative numbers and wrong enum
 names.  Seeded (``derandomize``) and bounded so CI runs a few hundred cases
-per reader; a long run, with the counts per reader (loaded / clean error)
+per reader (the data readers are in test_fuzz_data.py); a long run, with the counts per reader (loaded / clean error)
 written as JSON to the report file::
 
-    NETLIB_FUZZ_EXAMPLES=10000 NETLIB_FUZZ_REPORT=fuzz.json python -m pytest -q tests/test_fuzz_readers.py
+    NETLIB_FUZZ_EXAMPLES=10000 NETLIB_FUZZ_REPORT=fuzz.json python -m pytest -q tests/test_fuzz_readers.py tests/test_fuzz_data.py
 """
-import collections
-import contextlib
-import json
 import os
-import re
-import signal
 
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (the test extra)")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
 
 import netlib  # noqa: E402
 from conftest import SHARED  # noqa: E402
-from netlib.errors import NetlibError  # noqa: E402
+from fuzzing import FUZZ, mutated, write, module_setup  # noqa: E402
+import fuzzing  # noqa: E402
 from netlib import files  # noqa: E402
 from netlib.data.transformer import load_mean  # noqa: E402
 from netlib.checkpoint import read_solver_state  # noqa: E402
 
-EXAMPLES = int(os.environ.get("NETLIB_FUZZ_EXAMPLES", "150"))
 REF = os.path.join(SHARED, "reference")
 MODELS = os.path.join(REF, "models")
 
-COUNTS = collections.defaultdict(collections.Counter)
-
 
 @pytest.fixture(scope="module", autouse=True)
-def _report():
-    yield
-    path = os.environ.get("NETLIB_FUZZ_REPORT")
-    if path:
-        with open(path, "w") as fh:
-            json.dump({k: dict(v) for k, v in COUNTS.items()}, fh, indent=1, sort_keys=True)
-
-
-FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-                suppress_health_check=list(HealthCheck))
+def _module():
+    with module_setup():
+        yield
 
 
 def _read(rel):
@@ -60,78 +47,9 @@ def _read(rel):
         return fh.read()
 
 
-@contextlib.contextmanager
-def _alarm(seconds=10):
-    def boom(signum, frame):
-        raise TimeoutError("reader hung for more than %d s" % seconds)
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-@st.composite
-def mutated(draw, base, other=b"", text=False):
-    """``base`` with 1-4 random mutations."""
-    data = bytearray(base)
-    for _ in range(draw(st.integers(1, 4))):
-        n = len(data)
-        kind = draw(st.sampled_from(
-            ["flip", "truncate", "insert", "delete", "splice", "nul", "utf8", "overwrite"]
-            + (["number", "negative", "enum", "nest"] if text else [])))
-        pos = draw(st.integers(0, max(0, n - 1)))
-        if kind == "flip" and n:
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "truncate":
-            del data[pos:]
-        elif kind == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
-        elif kind == "delete":
-            del data[pos:pos + draw(st.integers(1, 64))]
-        elif kind == "splice" and other:
-            cut = draw(st.integers(0, len(other)))
-            data[pos:] = other[cut:]
-        elif kind == "overwrite":          # length-preserving: keeps the framing, breaks the content
-            chunk = draw(st.binary(min_size=1, max_size=8))
-            data[pos:pos + len(chunk)] = chunk
-        elif kind == "nul":
-            data[pos:pos] = b"\0"
-        elif kind == "utf8":
-            data[pos:pos] = draw(st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xe2\x82"]))
-        elif kind in ("number", "negative"):
-            numbers = [m.span() for m in re.finditer(rb"\d+", bytes(data))]
-            if numbers:
-                a, b = numbers[draw(st.integers(0, len(numbers) - 1))]
-                data[a:b] = (b"99999999999999999999" if kind == "number"
-                             else draw(st.sampled_from([b"-1", b"-2147483649", b"0", b"4294967296"])))
-        elif kind == "enum":
-            names = [m.span() for m in re.finditer(rb"\b[A-Z][A-Z_]{2,}\b", bytes(data))]
-            if names:
-                a, b = names[draw(st.integers(0, len(names) - 1))]
-                data[a:b] = b"NO_SUCH_VALUE"
-        elif kind == "nest":
-            depth = draw(st.integers(1, 200))
-            data[pos:pos] = b"layer { " * depth + b"}" * draw(st.integers(0, depth))
-    return bytes(data)
-
-
 def check(tmp_path, data, reader, suffix):
-    path = str(tmp_path / ("fuzzed" + suffix))
-    with open(path, "wb") as fh:
-        fh.write(data)
-    key = "%s %s" % (getattr(reader, "__name__", reader), suffix)
-    try:
-        with _alarm():
-            reader(path)
-    except NetlibError as exc:
-        assert path in str(exc) or os.path.basename(path) in str(exc), \
-            "error does not name the file: %s: %s" % (type(exc).__name__, exc)
-        COUNTS[key]["clean error"] += 1
-    else:
-        COUNTS[key]["loaded"] += 1
+    path = write(tmp_path / ("fuzzed" + suffix), data)
+    fuzzing.check(path, lambda: reader(path), "%s %s" % (getattr(reader, "__name__", reader), suffix))
 
 
 # -- readers -------------------------------------------------------------------------

@@ -4,7 +4,12 @@ Readers (:func:`open_db`) are read-only and never modify a user's database:
 
 * **LMDB** (the ``lmdb`` package) is opened ``readonly=True, lock=False``:
   Caffe's own databases ship without a ``lock.mdb``, and a read-only folder
-  (a shared data set, a CI checkout) must work as it is.
+  (a shared data set, a CI checkout) must work as it is.  LMDB maps the file
+  and trusts it: a ``data.mdb`` shorter than its meta page says (a partial
+  download or copy) would crash the process with SIGBUS inside liblmdb, so
+  the meta pages are checked first (:func:`check_lmdb_file`).  LMDB keeps no
+  checksums, so other damage to the file's pages cannot be detected this way
+  (docs/security.md).
 * **LevelDB** (the ``plyvel`` package) cannot be opened without writing into
   its folder (a LOCK file, a new log and a new MANIFEST).  netlib therefore
   never opens the user's folder itself: it opens a *private view*, a
@@ -127,6 +132,42 @@ def _drain_deferred():
         _release_lmdb(*_LMDB_DEFERRED.pop())
 
 
+def check_lmdb_file(path):
+    """Refuse an LMDB data file that is shorter than its newest meta page
+    says (DatabaseError naming the file), before liblmdb maps it.
+
+    The two meta pages (pages 0 and 1, 64-bit layout) each hold the magic
+    0xBEEFC0DE, version 1, the page size (in the free-list database's
+    ``md_pad``), the last page number and a transaction id; liblmdb uses the
+    valid one with the larger id.  Files whose meta pages are not of that
+    layout are left to liblmdb, which refuses them with MDB_INVALID.
+    """
+    import struct
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(2 * 65536)
+    except OSError as exc:
+        raise DatabaseError("cannot read LMDB database %s: %s" % (path, exc.strerror or exc)) from None
+    metas = []
+    for offset in sorted({0} | {p for p in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)}):
+        meta = head[offset + 16:offset + 16 + 136]
+        if len(meta) < 136:
+            break
+        magic, version = struct.unpack_from("<II", meta, 0)
+        psize = struct.unpack_from("<I", meta, 24)[0]
+        last, txnid = struct.unpack_from("<QQ", meta, 120)
+        if magic == 0xBEEFC0DE and version == 1 and offset in (0, psize) and 512 <= psize <= 65536:
+            metas.append((txnid, last, psize))
+    if not metas:
+        return
+    txnid, last, psize = max(metas)
+    need = (last + 1) * psize
+    if size < need:
+        raise DatabaseError("LMDB database %s is truncated: data.mdb holds %d bytes but its meta page "
+                            "(transaction %d) needs %d" % (path, size, txnid, need))
+
+
 class LMDBDatabase(Database):
     """py-lmdb allows one Environment per file and process, so readers of the
     same database (a train and a test net) share one, reference counted."""
@@ -141,6 +182,7 @@ class LMDBDatabase(Database):
             _drain_deferred()
             entry = _LMDB_ENVS.get(self._real)
             if entry is None:
+                check_lmdb_file(os.path.join(path, "data.mdb") if os.path.isdir(path) else path)
                 try:
                     env = lmdb.open(path, readonly=True, lock=False, readahead=False,
                                     max_readers=512, subdir=os.path.isdir(path))

@@ -45,6 +45,7 @@ class Prefetcher:
         self._next_submit = int(start)
         self._pending = []
         self._pool = None
+        self._retired = []          # pools stopped without waiting
         self._lock = threading.Lock()
         self._failed = None
 
@@ -90,15 +91,25 @@ class Prefetcher:
 
     def stop(self, wait=True):
         """Cancel the batches not started and end the threads (after the
-        running batches finish; ``wait`` blocks until then)."""
+        running batches finish; ``wait`` blocks until then, including for
+        threads an earlier ``stop(wait=False)`` left running: a worker's
+        failure stops the others without waiting, and closing the source
+        after that must still wait for them)."""
         with self._lock:
             pending, self._pending = self._pending, []
-            pool, self._pool = self._pool, None
+            if self._pool is not None:
+                self._retired.append(self._pool)
+            self._pool = None
+            pools = list(self._retired)
         for f in pending:
             f.cancel()
-        if pool is not None:
-            pool.shutdown(wait=wait and threading.current_thread() not in getattr(pool, "_threads", ()),
-                          cancel_futures=True)
+        for pool in pools:
+            own = threading.current_thread() in getattr(pool, "_threads", ())
+            pool.shutdown(wait=wait and not own, cancel_futures=True)
+            if wait and not own:
+                with self._lock:
+                    if pool in self._retired:
+                        self._retired.remove(pool)
 
     def __del__(self):  # pragma: no cover - interpreter-dependent timing
         try:

@@ -157,8 +157,8 @@ class WindowDataLayer(PrefetchingDataLayer):
                     hist[0] += 1
         self.channels = images[-1][2][0]
         if self.channels != 3:
-            self.fail("the window file gives %d channels; WindowData reads colour images (3 channels)"
-                      % self.channels, error=ShapeError)
+            self.fail("the window file %s gives %d channels; WindowData reads colour images (3 channels)"
+                      % (p.source, self.channels), error=ShapeError)
         log.info("%s: %d images, %d foreground and %d background windows", self.name, len(images),
                  len(self.fg), len(self.bg))
         for label in sorted(hist):
@@ -170,7 +170,8 @@ class WindowDataLayer(PrefetchingDataLayer):
         if p.cache_images:
             for index, path in self.images.items():
                 if not os.path.isfile(path):
-                    self.fail("image %s of the window file is missing" % path, error=NetlibFileNotFoundError)
+                    self.fail("image %s of the window file %s is missing" % (path, p.source),
+                              error=NetlibFileNotFoundError)
                 with open(path, "rb") as handle:
                     self.cache[index] = handle.read()
         t = self.transformer
@@ -224,8 +225,9 @@ class WindowDataLayer(PrefetchingDataLayer):
             out_h = min(out_h, crop - pad_h)
             out_w = min(out_w, crop - pad_w)
         if not (0 <= x1 <= x2 < img_w and 0 <= y1 <= y2 < img_h) or out_h <= 0 or out_w <= 0:
-            raise ShapeError("%s: window (%d, %d, %d, %d) lies outside its %dx%d image"
-                             % (self.describe(), x1, y1, x2, y2, img_w, img_h))
+            raise ShapeError("%s: window (%d, %d, %d, %d) lies outside its %dx%d image (window file %s)"
+                             % (self.describe(), x1, y1, x2, y2, img_w, img_h,
+                                self.layer_param.window_data_param.source))
         return (x1, y1, x2, y2), (out_h, out_w), (pad_h, pad_w)
 
     def load_batch(self, b, rng):

@@ -27,13 +27,16 @@ mirrors and checks their SHA-256.  It then writes, by backend:
 import gzip
 import hashlib
 import logging
+import math
 import os
 import shutil
 import tempfile
 import urllib.request
+import zlib
 
 import numpy
 
+from .. import blob as _blob
 from ..errors import ConfigError, NetlibError, NetlibFileNotFoundError, ParseError
 
 log = logging.getLogger("netlib")
@@ -70,31 +73,42 @@ class DownloadError(NetlibError, OSError):
 
 
 def read_idx(path):
-    """An IDX file (gzipped or plain) as a NumPy array of its stored shape."""
+    """An IDX file (gzipped or plain) as a NumPy array of its stored shape.
+
+    The header is read first and the size it declares checked against the
+    blob limits (Caffe's INT_MAX elements, ``NETLIB_MAX_BLOB_BYTES``) before
+    the data is read, so a corrupt or hostile header cannot make it allocate
+    what the file does not hold.  Errors (ParseError) name the file.
+    """
     if not os.path.isfile(path):
         raise NetlibFileNotFoundError("%s: no such IDX file" % path)
-    with open(path, "rb") as handle:
-        head = handle.read(2)
-    opener = gzip.open if head == b"\x1f\x8b" else open
     try:
-        with opener(path, "rb") as handle:
-            raw = handle.read()
-    except (OSError, EOFError) as exc:
+        with open(path, "rb") as handle:
+            gzipped = handle.read(2) == b"\x1f\x8b"
+        with (gzip.open if gzipped else open)(path, "rb") as handle:
+            head = handle.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_TYPES:
+                raise ParseError("not an IDX file (bad magic number %s)" % head.hex(), path)
+            ndim = head[3]
+            shape = handle.read(4 * ndim)
+            if len(shape) < 4 * ndim:
+                raise ParseError("truncated IDX header", path)
+            dims = tuple(int(d) for d in numpy.frombuffer(shape, dtype=">u4"))
+            dtype = numpy.dtype(_IDX_TYPES[head[2]])
+            count = math.prod(dims)
+            cap = _blob.MAX_BLOB_BYTES
+            limit = _blob.INT_MAX if cap is None else min(_blob.INT_MAX, cap // dtype.itemsize)
+            if count > limit:
+                raise ParseError("IDX header declares shape %s (%d values), more than the limit of %d"
+                                 % (dims, count, limit), path)
+            raw = handle.read(count * dtype.itemsize + 1)
+    except (OSError, EOFError, zlib.error) as exc:
         raise ParseError("cannot read (truncated or corrupt gzip?): %s" % exc, path) from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
-        raise ParseError("not an IDX file (bad magic number %s)" % raw[:4].hex(), path)
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ParseError("truncated IDX header", path)
-    dims = tuple(int(d) for d in numpy.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = numpy.dtype(_IDX_TYPES[raw[2]])
-    count = int(numpy.prod(dims)) if dims else 1
-    expected = header + count * dtype.itemsize
-    if len(raw) != expected:
-        raise ParseError("IDX file holds %d bytes, its header %s needs %d (truncated?)"
-                         % (len(raw), dims, expected), path)
-    return numpy.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(dims)
+    if len(raw) != count * dtype.itemsize:
+        raise ParseError("IDX data holds %s bytes, its header %s needs %d (truncated?)"
+                         % (len(raw) if len(raw) <= count * dtype.itemsize else "more than",
+                            dims, count * dtype.itemsize), path)
+    return numpy.frombuffer(raw, dtype=dtype, count=count).reshape(dims)
 
 
 def find_file(folder, base):
