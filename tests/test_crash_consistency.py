@@ -5,8 +5,11 @@ every few iterations, both formats).  After each kill: every file under a
 snapshot's name loads (weights into the net, solver states), temporary files
 never carry a snapshot's name and are removed by the next start, and resuming
 from the newest solver state ends with exactly the weights of an uninterrupted
-run.  A write that exceeds a file-size limit (as a full disk does) ends
-training with one clear error line and the previous snapshot intact.
+run.  A write that exceeds a file-size limit (as a full disk does), or a
+file system that turns read-only, ends training with one clear error line and
+the previous snapshot intact.  SIGHUP (snapshot) and SIGINT (stop) at seeded
+random moments end the run normally with every snapshot loadable; a second
+SIGINT while a stop is pending ends it at once (exit code 130, one line).
 """
 import glob
 import os
@@ -199,3 +202,143 @@ def test_full_disk_during_a_snapshot(tmp_path, fmt):
     assert not glob.glob(os.path.join(folder, "snap", "crash_iter_20*"))
     assert not glob.glob(os.path.join(folder, "snap", ".*.tmp"))
     weights(os.path.join(folder, "snap", "crash_iter_10" + model_suffix))
+
+
+READ_ONLY_CHILD = r'''
+import errno, glob, os, sys
+from netlib.tools import cli
+snap = os.path.abspath("snap")
+real_open = os.open
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+
+def read_only_after_first_snapshot(path, flags, *args, **kwargs):
+    # The snapshot folder's file system turns read-only once the first
+    # snapshot is complete (as after a disk error); every write open then
+    # fails with EROFS, as the kernel's would.
+    if (flags & WRITE and os.path.abspath(path).startswith(snap + os.sep)
+            and glob.glob(os.path.join(snap, "crash_iter_10.solverstate*"))):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    return real_open(path, flags, *args, **kwargs)
+
+
+os.open = read_only_after_first_snapshot
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize("fmt", list(SUFFIX))
+def test_read_only_disk_during_a_snapshot(tmp_path, fmt):
+    folder = str(tmp_path)
+    model_suffix, state_suffix = SUFFIX[fmt]
+    make_work(folder, fmt, max_iter=30, every=10)
+    proc = subprocess.run([sys.executable, "-c", READ_ONLY_CHILD, "train", "--solver", "solver.prototxt"],
+                          cwd=folder, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("netlib: error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert "crash_iter_20" in lines[-1] and "Read-only file system" in lines[-1], lines[-1]
+    assert sorted(os.listdir(os.path.join(folder, "snap"))) == ["crash_iter_10" + model_suffix,
+                                                                 "crash_iter_10" + state_suffix]
+    weights(os.path.join(folder, "snap", "crash_iter_10" + model_suffix))   # the previous snapshot loads
+    read_solver_state(os.path.join(folder, "snap", "crash_iter_10" + state_suffix))
+
+
+def test_read_only_snapshot_folder_at_start(tmp_path):
+    # Caffe's CheckSnapshotWritePermissions: refused before any training.
+    folder = str(tmp_path)
+    make_work(folder, "HDF5", max_iter=30, every=10)
+    child = READ_ONLY_CHILD.replace('glob.glob(os.path.join(snap, "crash_iter_10.solverstate*"))', "True")
+    child = child.replace("sys.exit(", "os.access = lambda path, mode: False if os.path.abspath(path) == snap "
+                                       "and mode & os.W_OK else os.path.exists(path)\nsys.exit(")
+    proc = subprocess.run([sys.executable, "-c", child, "train", "--solver", "solver.prototxt"],
+                          cwd=folder, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("netlib: error: ") and "Cannot write to snapshot prefix" in last, proc.stderr
+    assert "Iteration" not in proc.stderr and os.listdir(os.path.join(folder, "snap")) == []
+
+
+def _check_snapshots(folder, fmt):
+    """Every file under a snapshot's name loads; no temporary file is left."""
+    model_suffix, state_suffix = SUFFIX[fmt]
+    snap = os.path.join(folder, "snap")
+    assert not [f for f in os.listdir(snap) if f.endswith(".tmp")], os.listdir(snap)
+    models = glob.glob(os.path.join(snap, "*" + model_suffix))
+    states = glob.glob(os.path.join(snap, "*" + state_suffix))
+    for path in models:
+        weights(path)
+    for path in states:
+        read_solver_state(path)
+    return models, states
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("fmt", list(SUFFIX))
+@pytest.mark.parametrize("seed", range(3))
+def test_signals_at_random_moments(tmp_path, fmt, seed):
+    # SIGHUP (snapshot) at seeded random moments, some while a snapshot is
+    # being written, then SIGINT (stop): the run ends normally with the stop
+    # snapshot, no traceback, and every snapshot loads.
+    folder = str(tmp_path)
+    make_work(folder, fmt, max_iter=10 ** 7, every=13)
+    proc, _ = start_and_wait_first_snapshot(folder)
+    rng = random.Random(seed)
+    try:
+        for _ in range(8):
+            time.sleep(rng.uniform(0.0, 0.15))
+            proc.send_signal(signal.SIGHUP)
+        time.sleep(rng.uniform(0.0, 0.15))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    models, states = _check_snapshots(folder, fmt)
+    assert len(models) == len(states) >= 2
+
+
+SLOW_CHILD = r'''
+import sys, time
+from netlib.tools import cli
+from netlib.builtin.data import HDF5DataLayer
+fast = HDF5DataLayer.forward
+
+
+def slow(self, bottom, top):        # 0.3 s per iteration: signals land inside one
+    time.sleep(0.3)
+    fast(self, bottom, top)
+
+
+HDF5DataLayer.forward = slow
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("fmt", list(SUFFIX))
+def test_second_sigint_aborts_with_one_line(tmp_path, fmt):
+    # A second SIGINT while the stop is still pending (the same iteration)
+    # ends at once: exit code 130, one line, snapshots consistent.  (Python
+    # merges two SIGINTs that arrive before its handler runs; the iteration is
+    # slowed so that they cannot.)
+    folder = str(tmp_path)
+    make_work(folder, fmt, max_iter=10 ** 7, every=2)
+    with open(os.path.join(folder, "err.txt"), "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, "train", "--solver", "solver.prototxt"],
+                                cwd=folder, env=ENV, stdout=subprocess.DEVNULL, stderr=err_file)
+    try:
+        deadline = time.time() + 120
+        while not glob.glob(os.path.join(folder, "snap", "*")) and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = open(os.path.join(folder, "err.txt")).read()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "netlib: interrupted"
+    _check_snapshots(folder, fmt)
