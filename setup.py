@@ -8,6 +8,7 @@ DATA = ["lmdb>=1.4", "plyvel>=1.5", "Pillow>=9"]
 PLOT = ["matplotlib>=3.5"]
 DRAW = ["pydot>=1.4"]
 ACCEL = ["numba>=0.59"]
+MPI = ["mpi4py>=3.1", "mpich>=4.1; sys_platform == 'linux'"]
 
 setup(
     name="netlib",
@@ -32,8 +33,10 @@ setup(
         "accel": ACCEL,
         # The test suite: every optional feature, and OpenCV as the independent
         # reference for netlib's own image decoding and resizing.
-        "test": ["pytest>=7", "grpcio-tools>=1.85", "opencv-python-headless>=4.8", "hypothesis>=6.100"] + DATA + PLOT + DRAW + ACCEL,
+        "test": ["pytest>=7", "grpcio-tools>=1.85", "opencv-python-headless>=4.8", "hypothesis>=6.100"] + DATA + PLOT + DRAW + ACCEL + MPI,
         "gpu": ["cupy-cuda12x"],
+        # Data-parallel training under mpirun (netlib.parallel): MPI from wheels, no compiler.
+        "mpi": MPI,
     },
     entry_points={"console_scripts": ["netlib=netlib.tools.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],

@@ -101,6 +101,8 @@ def extra_state(solver):
         "train_layers": _layer_states(solver.net),
         "test_layers": [_layer_states(n) for n in solver.test_nets],
     }
+    if getattr(solver, "_rank_rng", None):       # a data-parallel run: every rank's stream
+        extra["rank_rng"] = list(solver._rank_rng)
     if getattr(solver, "_in_step", False):
         extra["loss_ring"] = {
             "losses": [float(x) for x in solver.losses],
@@ -114,8 +116,10 @@ def _apply_extra(solver, extra, path):
     if not isinstance(extra, dict) or extra.get("format") != EXTRA_FORMAT:
         log.warning("%s: ignoring an unrecognised netlib_state entry", path)
         return
-    if extra.get("rng"):
-        nrandom.set_state(extra["rng"])
+    from .parallel import restore_rank_state
+    rng = restore_rank_state(extra, path) or extra.get("rng")
+    if rng:
+        nrandom.set_state(rng)
     _load_layer_states(solver.net, extra.get("train_layers", {}))
     for net, states in zip(solver.test_nets, extra.get("test_layers", [])):
         _load_layer_states(net, states)

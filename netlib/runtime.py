@@ -1,10 +1,12 @@
 """pycaffe's process-wide helpers: logging, Timer, solver count/rank, NCCL.
 
 ``init_log``/``log`` route the ``"netlib"`` logger (Caffe's glog lines) to
-stderr.  ``solver_count``/``solver_rank``/``set_multiprocess`` hold the same
-process state pycaffe's multi-GPU ``train.py`` sets; netlib trains in one
-process today, so they are bookkeeping only, and ``has_nccl()`` is False:
-constructing :class:`NCCL` raises instead of pretending to synchronise.
+stderr.  ``solver_count``/``solver_rank``/``set_multiprocess`` hold the state
+pycaffe's multi-GPU ``train.py`` sets.  Under ``mpirun`` netlib sets them
+itself from MPI (:mod:`netlib.parallel`) and trains data-parallel; set by
+hand, they shard the TRAIN data readers as in Caffe (rank r of N keeps the
+read positions p with p % N == r).  Gradients travel over MPI, not NCCL:
+``has_nccl()`` is False and :class:`NCCL` raises, pointing to ``mpirun``.
 """
 import logging
 import time
@@ -82,12 +84,12 @@ _state = {"solver_count": 1, "solver_rank": 0, "multiprocess": False}
 
 
 def solver_count():
-    """How many solvers train together (1: netlib trains in one process)."""
+    """How many solvers train together (the MPI size under mpirun, else 1)."""
     return _state["solver_count"]
 
 
 def set_solver_count(count):
-    """Set the number of solvers training together (bookkeeping; see has_nccl)."""
+    """Set the number of solvers training together (the TRAIN readers shard by it)."""
     if int(count) < 1:
         raise ConfigError("set_solver_count: count must be >= 1, got %r" % (count,))
     _state["solver_count"] = int(count)
@@ -115,21 +117,27 @@ def multiprocess():
 
 
 def has_nccl():
-    """False: netlib has no NCCL (gradient all-reduce across GPUs/processes) yet."""
+    """False: netlib all-reduces gradients over MPI (mpirun, :mod:`netlib.parallel`), not NCCL."""
     return False
 
 
 class NCCL:
-    """pycaffe's ``caffe.NCCL(solver, uid)``: not available in netlib.
+    """pycaffe's ``caffe.NCCL(solver, uid)``: netlib has no NCCL.
 
-    Constructing one (or asking for ``new_uid()``) raises, so a multi-GPU
-    script fails at once rather than training each replica on its own.
+    Constructing one (or asking for ``new_uid()``) raises, so a pycaffe
+    multi-GPU script fails at once rather than training each replica on its
+    own.  netlib's multi-process training is MPI: run the script (or
+    ``netlib train``) under ``mpirun -n N``; the solver then synchronises by
+    itself (:mod:`netlib.parallel`).
     """
 
+    _MESSAGE = ("caffe.NCCL: netlib has no NCCL (has_nccl() is False); for data-parallel training run "
+                "under MPI instead: mpirun -n N python your_script.py (or mpirun -n N netlib train "
+                "--solver S), where netlib's solvers all-reduce the gradients themselves")
+
     def __init__(self, solver=None, uid=None):
-        raise ConfigError("caffe.NCCL: netlib has no NCCL (has_nccl() is False); multi-process "
-                          "training is not implemented yet; train in one process")
+        raise ConfigError(self._MESSAGE)
 
     @staticmethod
     def new_uid():
-        raise ConfigError("caffe.NCCL.new_uid: netlib has no NCCL (has_nccl() is False)")
+        raise ConfigError(NCCL._MESSAGE)

@@ -204,6 +204,9 @@ class Solver(abc.ABC):
     type = None
 
     def __init__(self, source, solver_path=None, dtype=None, xp=None):
+        from . import parallel
+        self.world = parallel.world()      # under mpirun: sets solver_count/rank before the nets exist
+        self._sync = None
         param, path = read_solver(source, solver_path)
         self.param = param
         self.solver_path = path
@@ -224,7 +227,8 @@ class Solver(abc.ABC):
         self.iter = 0
         self.current_step = 0
         self.check_param()
-        self._check_snapshot_write_permissions()
+        if self.is_root:                   # Caffe: only the root solver checks and writes snapshots
+            self._check_snapshot_write_permissions()
         if param.random_seed >= 0:
             nrandom.set_random_seed(param.random_seed)
         self.callbacks = []
@@ -239,10 +243,20 @@ class Solver(abc.ABC):
         self.net = None
         self.test_nets = []
         self._init_train_net()
-        self._init_test_nets()
+        if self.is_root:                   # Caffe: only the root solver tests
+            self._init_test_nets()
         log.info("Solver scaffolding done.")
         self.history = []
         self._pre_solve()
+        if self.world is not None:
+            self._sync = parallel.GradientSync(self, self.world)
+            self.add_callback(self._sync)
+            self._sync.initial_sync()
+
+    @property
+    def is_root(self):
+        """Whether this solver logs, tests and snapshots (rank 0, or no MPI)."""
+        return self.world is None or self.world.is_root
 
     # -- construction --------------------------------------------------------------
     def _check_snapshot_write_permissions(self):
@@ -561,7 +575,10 @@ class Solver(abc.ABC):
             self.net.clear_param_diffs()
             if (p.test_interval and self.iter % p.test_interval == 0
                     and (self.iter > 0 or p.test_initialization)):
-                self.test_all()
+                if self.is_root:
+                    self.test_all()
+                if self._sync is not None:     # a stop requested while rank 0 tested ends every rank
+                    self.requested_early_exit = bool(self._sync.agree(self.requested_early_exit))
                 if self.requested_early_exit:
                     break
             for on_start, _ in self.callbacks:
@@ -570,11 +587,16 @@ class Solver(abc.ABC):
             display = bool(p.display) and self.iter % p.display == 0
             self.net.debug_info = bool(display and p.debug_info)
             loss = f(0)
+            bad = None
             for _ in range(p.iter_size):
                 one = self.net.forward_backward()
                 if not math.isfinite(one):
-                    self._raise_non_finite(one)
+                    if self._sync is None:
+                        self._raise_non_finite(one)
+                    bad = one if bad is None else bad
                 loss = f(loss + f(one))
+            if self._sync is not None:
+                self._sync.local_bad = bad is not None
             loss = f(loss / f(p.iter_size))
             self._update_smoothed_loss(loss, start_iter, average_loss)
             if display:
@@ -588,8 +610,16 @@ class Solver(abc.ABC):
             for _, on_gradients_ready in self.callbacks:
                 if on_gradients_ready is not None:
                     on_gradients_ready()
+            if self._sync is not None and self._sync.bad_ranks:
+                if bad is not None:
+                    self._raise_non_finite(bad)
+                raise SolverError("iteration %d: the training loss of %d other rank(s) is not finite; see "
+                                  "their error. Lower base_lr, check the data, or set clip_gradients."
+                                  % (self.iter, self._sync.bad_ranks))
             self.apply_update()
             request = self._requested_action()
+            if self._sync is not None:         # rank 0's SIGINT/SIGHUP decides for every rank
+                request = self._sync.agree(request)
             if (p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot":
                 self.snapshot()
             for cb in list(self.iteration_callbacks):
@@ -717,8 +747,11 @@ class Solver(abc.ABC):
         return "%s_iter_%d%s" % (self.param.snapshot_prefix, self.iter, extension)
 
     def snapshot(self):
-        """Write the weights and the solver state; returns their paths."""
+        """Write the weights and the solver state; returns their paths.
+        In a data-parallel run every rank calls it and rank 0 writes."""
         from . import checkpoint
+        if self._sync is not None:
+            return self._sync.snapshot(checkpoint.snapshot)
         return checkpoint.snapshot(self)
 
     def restore(self, path):

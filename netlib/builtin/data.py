@@ -195,6 +195,11 @@ class HDF5DataLayer(_DataLayer):
         self._loaded_index = None
         self._load_file(self.file_permutation[0], shuffle_rows=self.shuffle)
         self.current_row = 0
+        from ..parallel import check_enough_items, shard
+        self.shard_rank, self.shard_count = shard(self.phase)   # data-parallel: this rank's share
+        self._shard_bufs = None
+        if self.shard_count > 1 and len(self.filenames) == 1:
+            check_enough_items(self.num_rows, "the HDF5 file %s" % self.filenames[0], self.describe())
         self._row_shapes = [tuple(a.shape[1:]) for a in self._arrays]
         for t, shape in zip(top, self._row_shapes):
             t.reshape((self.batch_size,) + shape)
@@ -258,16 +263,32 @@ class HDF5DataLayer(_DataLayer):
         self.current_row = 0
 
     def forward(self, bottom, top):
+        """Copy the next ``batch_size`` rows; in a data-parallel run, rank r
+        of N takes every N-th of the next N x batch_size rows, starting at r
+        (Caffe's HDF5DataLayer::Skip)."""
+        rank, count = self.shard_rank, self.shard_count
+        if count == 1:
+            self._fill([t.data for t in top], self.batch_size)
+            return
+        bufs = self._shard_bufs
+        if bufs is None or bufs[0].shape[0] != self.batch_size * count:
+            bufs = self._shard_bufs = [self.xp.empty((self.batch_size * count,) + t.shape[1:], dtype=t.dtype)
+                                       for t in top]
+        self._fill(bufs, self.batch_size * count)
+        for t, buf in zip(top, bufs):
+            t.data[...] = buf[rank::count]
+
+    def _fill(self, outs, total):
         xp = self.xp
         if self._perm_xp is None:
             self._perm_xp = xp.asarray(self.data_permutation)
         filled = 0
-        while filled < self.batch_size:
-            n = min(self.batch_size - filled, self.num_rows - self.current_row)
+        while filled < total:
+            n = min(total - filled, self.num_rows - self.current_row)
             r = self.current_row
             rows = self._perm_xp[r:r + n] if self.shuffle else slice(r, r + n)
-            for t, a in zip(top, self._arrays):
-                t.data[filled:filled + n] = a[rows]
+            for out, a in zip(outs, self._arrays):
+                out[filled:filled + n] = a[rows]
             filled += n
             self.current_row += n
             if self.current_row == self.num_rows:

@@ -21,6 +21,7 @@ import numpy
 
 from ..errors import ConfigError
 from ..layer import Layer
+from ..parallel import shard
 from ..random import get_rng
 from .prefetch import BufferPool, Prefetcher
 from .transformer import DataTransformer
@@ -49,6 +50,7 @@ class PrefetchingDataLayer(Layer):
         self.seed = int(get_rng().integers(0, 2 ** 63)) if self.needs_rand() else 0
         self.batch = 0
         self.buffers = BufferPool()
+        self.shard_rank, self.shard_count = shard(self.phase)   # data-parallel: this rank's share
         self.data_setup(top)
         if self.batch_size <= 0:
             self.fail("batch_size must be positive (got %d)" % self.batch_size, error=ConfigError)
@@ -71,12 +73,18 @@ class PrefetchingDataLayer(Layer):
         """Return ``(data, labels)`` of batch ``b`` (see the module docstring)."""
         self.fail("class %s does not define load_batch(b, rng)" % type(self).__name__)
 
-    def batch_rng(self, b, stream=0):
-        """The generator of batch ``b`` (``stream`` separates independent uses)."""
-        return numpy.random.Generator(numpy.random.PCG64(numpy.random.SeedSequence([self.seed, stream, b])))
+    def batch_rng(self, b, stream=0, per_rank=False):
+        """The generator of batch ``b`` (``stream`` separates independent uses).
+        ``per_rank``: in a data-parallel run each rank gets its own (the
+        per-item choices: crops, mirrors, windows); shuffles and skips stay
+        common to all ranks, which share one read order."""
+        key = [self.seed, stream, b]
+        if per_rank and self.shard_count > 1:
+            key += [self.shard_rank, self.shard_count]
+        return numpy.random.Generator(numpy.random.PCG64(numpy.random.SeedSequence(key)))
 
     def _make(self, b):
-        return self.load_batch(b, self.batch_rng(b))
+        return self.load_batch(b, self.batch_rng(b, per_rank=True))
 
     def _start(self):
         self._stop_prefetch()

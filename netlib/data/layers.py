@@ -17,6 +17,7 @@ from ..layer import register_layer
 from .base import PrefetchingDataLayer
 from .datum import datum_shape, datum_to_array, parse_datum, raw_datum
 from .db import DatabaseError, backend_name, open_db
+from ..parallel import check_enough_items
 from . import image as _image
 
 log = logging.getLogger("netlib")
@@ -61,11 +62,12 @@ class DataLayer(PrefetchingDataLayer):
         log.info("Opened %s %s", backend, p.source)
         if len(self.db) == 0:
             self.fail("the %s database %s is empty" % (backend, p.source), error=DatabaseError)
+        check_enough_items(len(self.db), "the %s database %s" % (backend, p.source), self.describe())
         self.mode = "color" if p.force_encoded_color else self.transformer.decode_mode
         self.state_loaded()
-        first = self._datum(self.skip % len(self.db))
-        shape = self.transformer.output_shape(datum_shape(first, self._where(self.skip % len(self.db)),
-                                                          self.mode))
+        first_index = (self.skip + self.shard_rank) % len(self.db)
+        first = self._datum(first_index)
+        shape = self.transformer.output_shape(datum_shape(first, self._where(first_index), self.mode))
         top[0].reshape((self.batch_size,) + tuple(shape))
         log.info("output data size: %s", ",".join(str(d) for d in top[0].shape))
 
@@ -97,10 +99,11 @@ class DataLayer(PrefetchingDataLayer):
 
     def load_batch(self, b, rng):
         n, bs = len(self.db), self.batch_size
-        start = self.skip + b * bs
-        if _crossed_end(start, bs, n):
+        rank, count = self.shard_rank, self.shard_count
+        start = self.skip + b * bs * count        # read positions of this batch, all ranks together
+        if _crossed_end(start, bs * count, n):
             log.info("Restarting data prefetching from start.")
-        index = (start + numpy.arange(bs)) % n
+        index = (start + numpy.arange(bs) * count + rank) % n   # this rank's: p % count == rank
         values = [self.db.value_view(i) for i in index]  # views: copied once, below
         raws = [raw_datum(v) for v in values]
         shape = raws[0][:3] if raws[0] and min(raws[0][:3]) > 0 else None
@@ -184,6 +187,7 @@ class ImageDataLayer(PrefetchingDataLayer):
         self.source = p.source
         self.lines = read_image_list(p.source, self.describe())
         log.info("A total of %d images.", len(self.lines))
+        check_enough_items(len(self.lines), "the image list %s" % p.source, self.describe())
         self._perm_lock = threading.Lock()
         self._perms = {}
         self.state_loaded()
@@ -213,7 +217,7 @@ class ImageDataLayer(PrefetchingDataLayer):
 
     def _line(self, sample):
         """Index into ``lines`` of the ``sample``-th image read since the start."""
-        g = self.skip + sample
+        g = self.skip + sample * self.shard_count + self.shard_rank   # p % count == rank
         epoch, pos = divmod(g, len(self.lines))
         if self.layer_param.image_data_param.shuffle:
             return int(self._permutation(epoch)[pos])
@@ -232,7 +236,8 @@ class ImageDataLayer(PrefetchingDataLayer):
     def load_batch(self, b, rng):
         bs = self.batch_size
         start = b * bs
-        if _crossed_end(self.skip + start, bs, len(self.lines)):
+        count = self.shard_count
+        if _crossed_end(self.skip + start * count, bs * count, len(self.lines)):
             log.info("Restarting data prefetching from start.")
         lines = [self._line(start + k) for k in range(bs)]
         images = [self._load(i) for i in lines]

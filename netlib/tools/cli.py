@@ -328,12 +328,20 @@ def select_device(gpu_flag, solver_param=None):
         log.warning("The solver asks for solver_mode: GPU but CuPy is not installed; using the CPU.")
         backend.set_mode_cpu()
         return None
-    if len(gpus) > 1:
-        log.warning("netlib trains on one GPU; using GPU %d of %s", gpus[0], gpus)
+    if backend.cupy is None:
+        backend.set_mode_gpu()             # the clear "needs CuPy" error, before anything else
+    from .. import parallel
+    w = parallel.world()
+    if len(gpus) > 1 and w is None:
+        from ..errors import ConfigError
+        raise ConfigError("--gpu %s: netlib trains on several GPUs with one process per GPU, over MPI: "
+                          "mpirun -n %d netlib train --solver ... --gpu %s (rank r uses the r-th id)"
+                          % (gpu_flag, len(gpus), gpu_flag))
+    device = gpus[w.rank % len(gpus)] if w is not None else gpus[0]
     log.info("Using GPUs %s", ", ".join(str(g) for g in gpus))
     backend.set_mode_gpu()
-    backend.set_device(gpus[0])
-    return gpus[0]
+    backend.set_device(device)
+    return device
 
 
 def _synchronize():
@@ -398,7 +406,9 @@ def _make_solver(param, path):
 
 def cmd_train(args):
     from ..solver import read_solver
+    from .. import parallel
     _need("solver", args.solver, "train")
+    parallel.world()        # under mpirun: rank and size first, so only rank 0 logs from here on
     if args.snapshot and args.weights:
         raise UsageError("give --snapshot to resume training or --weights to finetune, not both")
     param, path = read_solver(args.solver)
@@ -431,6 +441,8 @@ def cmd_train(args):
                         bar.update(delta)  # redraws at most every 0.1 s
                 solver.iteration_callbacks.append(_tick)
             solver.solve()
+    if solver._sync is not None:
+        log.info("Data-parallel: %s", solver._sync.summary())
     log.info("Optimization Done.")
     return 0
 
@@ -652,6 +664,23 @@ def _one_line(text):
 
 
 def main(argv=None):
+    """The ``netlib`` command: returns its exit code.  In a data-parallel
+    run (mpirun) a failing rank prints its line (prefixed with its rank) and
+    ends the whole job, so no other rank waits for it forever."""
+    code = _main(argv)
+    if code:
+        from .. import parallel
+        parallel.abort_on_error(code)
+    return code
+
+
+def _rank_prefix():
+    from .. import parallel
+    w = parallel._world["world"]
+    return "rank %d: " % w.rank if w is not None and w.size > 1 else ""
+
+
+def _main(argv=None):
     """Run the ``netlib`` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     from ..errors import NetlibError
@@ -689,13 +718,13 @@ def main(argv=None):
         sys.stderr.write("netlib: interrupted\n")
         return 130
     except UsageError as exc:
-        sys.stderr.write("netlib: error: %s\n" % _one_line(exc))
+        sys.stderr.write("netlib: error: %s%s\n" % (_rank_prefix(), _one_line(exc)))
         return 1
     except (NetlibError, OSError, MemoryError) as exc:
         if os.environ.get("NETLIB_DEBUG"):
             import traceback
             traceback.print_exc()
-        sys.stderr.write("netlib: error: %s\n" % _one_line(exc))
+        sys.stderr.write("netlib: error: %s%s\n" % (_rank_prefix(), _one_line(exc)))
         return 1
     except Exception as exc:  # a bug: still one line, traceback on request
         if os.environ.get("NETLIB_DEBUG"):
