@@ -2,6 +2,12 @@
 
 Layer code never imports numpy for math on blob data; it uses the module a
 blob carries (``blob.xp``) or :func:`get_array_module` on an array.
+
+A *device module* is a CuPy-like array module whose arrays live off the host
+(``module.ndarray``, ``module.asarray``, ``module.asnumpy``): CuPy registers
+itself when it imports; :func:`register_device_module` adds another (the test
+suite's CPU stand-in for CuPy, tests/fakecupy.py) and :func:`set_mode_device`
+creates new nets and blobs on it.
 """
 import numpy
 
@@ -11,18 +17,53 @@ except Exception:  # pragma: no cover - no GPU stack here
     cupy = None
 
 _mode = {"xp": numpy, "device": 0}
+_device_modules = []
+
+
+def register_device_module(module):
+    """Treat ``module`` as a device array module (see the module docstring);
+    returns it.  Registering twice is harmless."""
+    if module is numpy:
+        raise ValueError("numpy is the host module, not a device module")
+    if module not in _device_modules:
+        _device_modules.append(module)
+    return module
+
+
+if cupy is not None:  # pragma: no cover - GPU stack only
+    register_device_module(cupy)
+
+
+def device_modules():
+    """The registered device array modules (CuPy first when it imports)."""
+    return tuple(_device_modules)
 
 
 def get_array_module(*arrays):
-    """Return ``cupy`` if any argument is a CuPy array, else ``numpy``."""
-    if cupy is not None:
-        return cupy.get_array_module(*arrays)
+    """The device module of the first device array among ``arrays``, else ``numpy``."""
+    for a in arrays:
+        if isinstance(a, numpy.ndarray):
+            continue
+        for module in _device_modules:
+            if isinstance(a, module.ndarray):
+                return module
     return numpy
+
+
+def is_device_array(array):
+    """True for an array of a registered device module (not host memory)."""
+    return get_array_module(array) is not numpy
 
 
 def default_xp():
     """The array module new blobs are created with (set by set_mode_*)."""
     return _mode["xp"]
+
+
+def set_mode_device(module):
+    """Create new nets and blobs on the device module ``module`` (registered
+    here if it is not yet): ``set_mode_gpu`` for CuPy, or a test stand-in."""
+    _mode["xp"] = register_device_module(module)
 
 
 def set_mode_cpu():
@@ -57,7 +98,11 @@ def set_device(device_id):
 
 
 def to_numpy(array):
-    """A NumPy copy (or the array itself) of a NumPy or CuPy array."""
-    if cupy is not None and isinstance(array, cupy.ndarray):
-        return cupy.asnumpy(array)
+    """A NumPy copy of a device array (the module's ``asnumpy``), or the
+    NumPy array itself (anything else through ``numpy.asarray``)."""
+    if isinstance(array, numpy.ndarray):
+        return array
+    module = get_array_module(array)
+    if module is not numpy:
+        return module.asnumpy(array)
     return numpy.asarray(array)

@@ -69,8 +69,9 @@ def _same_memory_key(arr):
     """(start address, elements): equal for two views of the same memory range
     (share_data shares the array itself; set_data stores a flat view)."""
     iface = getattr(arr, "__array_interface__", None)
-    ptr = iface["data"][0] if iface is not None else arr.data.ptr  # numpy or cupy
-    return ptr, arr.size
+    if iface is None:  # a device array: CuPy's (and any CUDA array's) interface
+        iface = arr.__cuda_array_interface__
+    return iface["data"][0], arr.size
 
 
 def _nbytes(blob):

@@ -24,6 +24,7 @@ so each evaluation sees the same draws; parameter blobs that forward updates
 """
 import numpy
 
+from . import backend
 from .blob import Blob
 from .errors import NetlibError
 
@@ -97,6 +98,11 @@ def check_gradient(layer, bottom_shapes=None, bottoms=None, params=None, phase="
 
     Returns:
         GradientCheckResult.
+
+    The layer and its blobs live on netlib's current array module
+    (:func:`netlib.backend.default_xp`: NumPy, or the device module of
+    ``set_mode_gpu`` / ``backend.set_mode_device``); the differences are
+    taken on the host.
     """
     from .layer import create_layer
     from .proto import caffe_pb2
@@ -108,21 +114,22 @@ def check_gradient(layer, bottom_shapes=None, bottoms=None, params=None, phase="
     rng = numpy.random.default_rng(seed)
     if bottoms is None:
         bottoms = [rng.standard_normal(tuple(s)) for s in (bottom_shapes or [])]
-    bottom_arrays = [numpy.array(b, dtype=numpy.float64) for b in bottoms]
+    xp = backend.default_xp()
+    bottom_arrays = [numpy.array(backend.to_numpy(b), dtype=numpy.float64) for b in bottoms]
     bottom = []
     for arr in bottom_arrays:
-        blob = Blob(arr.shape, dtype=numpy.float64, xp=numpy)
+        blob = Blob(arr.shape, dtype=numpy.float64, xp=xp)
         blob.data[...] = arr
         bottom.append(blob)
     n_top = num_tops if num_tops is not None else max(len(param.top), 1)
-    top = [Blob((), dtype=numpy.float64, xp=numpy) for _ in range(n_top)]
+    top = [Blob((), dtype=numpy.float64, xp=xp) for _ in range(n_top)]
 
     set_random_seed(seed)
-    lay = create_layer(param, phase=phase_value, dtype=numpy.float64, xp=numpy)
+    lay = create_layer(param, phase=phase_value, dtype=numpy.float64, xp=xp)
     lay.SetUp(bottom, top)
     if params is not None:
         for blob, arr in zip(lay.blobs, params):
-            blob.data[...] = numpy.asarray(arr, dtype=numpy.float64)
+            blob.data[...] = numpy.asarray(backend.to_numpy(arr), dtype=numpy.float64)
     param_snapshot = [b.data.copy() for b in lay.blobs]
 
     def run_forward():
@@ -133,6 +140,8 @@ def check_gradient(layer, bottom_shapes=None, bottoms=None, params=None, phase="
 
     run_forward()
     weights = [rng.standard_normal(t.shape) for t in top]
+    if xp is not numpy:
+        weights = [xp.asarray(w) for w in weights]
 
     def objective():
         run_forward()
@@ -150,9 +159,9 @@ def check_gradient(layer, bottom_shapes=None, bottoms=None, params=None, phase="
     for t, w in zip(top, weights):
         t.diff[...] = w
     lay.Backward(top, propagate, bottom)
-    targets = [("bottom[%d]" % i, bottom[i], bottom[i].diff.copy()) for i in check_bottoms]
+    targets = [("bottom[%d]" % i, bottom[i], backend.to_numpy(bottom[i].diff.copy())) for i in check_bottoms]
     if check_params:
-        targets += [("param[%d]" % k, blob, blob.diff.copy())
+        targets += [("param[%d]" % k, blob, backend.to_numpy(blob.diff.copy()))
                     for k, blob in enumerate(lay.blobs) if lay.param_propagate_down[k]]
 
     result = GradientCheckResult()
@@ -160,10 +169,11 @@ def check_gradient(layer, bottom_shapes=None, bottoms=None, params=None, phase="
     for label, blob, analytic in targets:
         data = blob.data
         flat = data.reshape(-1)
+        values = backend.to_numpy(flat)  # (itself on numpy; a host copy of a device array)
         ana = analytic.reshape(-1)
         is_param = label.startswith("param")
         for idx in range(flat.size):
-            x0 = flat[idx]
+            x0 = values[idx]
             if kink is not None and kink_range > 0 and abs(x0 - kink) < kink_range:
                 result.skipped += 1
                 continue

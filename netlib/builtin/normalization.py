@@ -331,7 +331,7 @@ class BatchNormLayer(Layer):
         k = accel.kernels_for(x, y, min_elements=self.accel_min_elements,
                               phase=self.phase)
         if self.use_global_stats:
-            s = sf.reshape(-1)[0]
+            s = float(sf.reshape(-1)[0])   # Caffe reads the scale factor on the host
             factor = dt(0) if s == 0 else dt(1) / dt(s)
             mean = factor * mean_sum.reshape(-1)
             var = factor * var_sum.reshape(-1)
