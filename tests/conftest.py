@@ -6,6 +6,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("NETLIB_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 
+# NETLIB_TEST_XP=fakecupy: build layers, blobs and nets on a CPU stand-in for CuPy (tests/xp_mode.py).
+pytest_plugins = ["xp_mode"]
+
 
 def shared_path(*parts):
     """Path under ../shared; skips the calling test when it is absent."""

@@ -18,6 +18,7 @@ import pytest
 
 import netlib
 from conftest import SHARED
+from xp_mode import host
 
 GOLDEN = os.path.join(SHARED, "reference", "golden", "layers")
 CASES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(GOLDEN, "*.h5")))
@@ -28,7 +29,7 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 def assert_close(got, ref, what):
-    got = numpy.asarray(got, dtype=numpy.float64)
+    got = numpy.asarray(host(got), dtype=numpy.float64)
     ref = numpy.asarray(ref, dtype=numpy.float64)
     assert got.shape == ref.shape, "%s: shape %s, Caffe %s" % (what, got.shape, ref.shape)
     if ref.size == 0:
