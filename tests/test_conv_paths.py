@@ -20,6 +20,7 @@ from netlib.blob import Blob
 from netlib.im2col import col2im_batch_last, im2col_batch_last, padded_extent
 from netlib.layer import create_layer
 from netlib.proto import caffe_pb2
+from xp_mode import XP, host
 
 RNG = np.random.default_rng(20261201)
 
@@ -45,7 +46,7 @@ def _windows(in_sp, out_sp, k, stride, pad, dil):
 
 def ref_conv(x, W, b, gy, stride, pad, dil, group):
     """Forward y, and (with gy) dx, dW, db of a grouped N-D convolution."""
-    x, W = np.asarray(x, np.float64), np.asarray(W, np.float64)
+    x, W = np.asarray(host(x), np.float64), np.asarray(host(W), np.float64)
     N, C = x.shape[:2]
     in_sp, k = x.shape[2:], W.shape[2:]
     O = W.shape[0]
@@ -53,7 +54,7 @@ def ref_conv(x, W, b, gy, stride, pad, dil, group):
     Cg, Og = C // group, O // group
     y = np.zeros((N, O) + out_sp)
     dx, dW = np.zeros_like(x), np.zeros_like(W)
-    gy = None if gy is None else np.asarray(gy, np.float64)
+    gy = None if gy is None else np.asarray(host(gy), np.float64)
     all_ = slice(None)
     for o, kk, idx in _windows(in_sp, out_sp, k, stride, pad, dil):
         for g in range(group):
@@ -66,14 +67,14 @@ def ref_conv(x, W, b, gy, stride, pad, dil, group):
                 dx[(all_, cs) + idx] += g_o @ ws
                 dW[(os_, all_) + kk] += g_o.T @ xs
     if b is not None:
-        y += np.asarray(b, np.float64).reshape((1, O) + (1,) * len(in_sp))
+        y += np.asarray(host(b), np.float64).reshape((1, O) + (1,) * len(in_sp))
     db = None if gy is None else gy.sum(axis=(0,) + tuple(range(2, gy.ndim)))
     return y, dx, dW, db
 
 
 def ref_deconv(x, W, b, gy, stride, pad, dil, group):
     """Deconvolution (the convolution's transpose): x (N, Cin, *in), W (Cin, O/group, *k)."""
-    x, W = np.asarray(x, np.float64), np.asarray(W, np.float64)
+    x, W = np.asarray(host(x), np.float64), np.asarray(host(W), np.float64)
     N, C = x.shape[:2]
     in_sp, k = x.shape[2:], W.shape[2:]
     O = W.shape[1] * group
@@ -82,7 +83,7 @@ def ref_deconv(x, W, b, gy, stride, pad, dil, group):
     Cg, Og = C // group, O // group
     y = np.zeros((N, O) + out_sp)
     dx, dW = np.zeros_like(x), np.zeros_like(W)
-    gy = None if gy is None else np.asarray(gy, np.float64)
+    gy = None if gy is None else np.asarray(host(gy), np.float64)
     all_ = slice(None)
     # the deconvolution's input positions play the convolution's output positions
     for o, kk, idx in _windows(out_sp, in_sp, k, stride, pad, dil):
@@ -96,7 +97,7 @@ def ref_deconv(x, W, b, gy, stride, pad, dil, group):
                 dx[(all_, cs) + o] += g_i @ ws.T
                 dW[(cs, all_) + kk] += xs.T @ g_i
     if b is not None:
-        y += np.asarray(b, np.float64).reshape((1, O) + (1,) * len(in_sp))
+        y += np.asarray(host(b), np.float64).reshape((1, O) + (1,) * len(in_sp))
     db = None if gy is None else gy.sum(axis=(0,) + tuple(range(2, gy.ndim)))
     return y, dx, dW, db
 
@@ -117,7 +118,7 @@ def run_layer(type_, shape, num_output, kernel, stride=1, pad=0, dil=1, group=1,
     params += "".join(" pad: %d" % v for v in p) + "".join(" dilation: %d" % v for v in d)
     lp = text_format.Parse('name: "c" type: "%s" convolution_param { %s }' % (type_, params),
                            caffe_pb2.LayerParameter())
-    lay = create_layer(lp, phase=caffe_pb2.TRAIN, dtype=dtype, xp=np)
+    lay = create_layer(lp, phase=caffe_pb2.TRAIN, dtype=dtype, xp=XP)
     lay.batch_last_layout = layout
     lay.depthwise_fast_path = False
     lay.shift_gemm_forward = shift
@@ -152,7 +153,7 @@ def assert_matches(got, ref, dtype):
             continue
         assert g.shape == r.shape, name
         scale = max(1.0, float(np.abs(r).max(initial=0)))
-        np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=rtol, atol=rtol * scale,
+        np.testing.assert_allclose(np.asarray(host(g), np.float64), r, rtol=rtol, atol=rtol * scale,
                                    err_msg=name)
 
 
@@ -265,14 +266,14 @@ def test_no_bias_and_propagate_flags():
         lay.Backward([top], [False], [bottom])
         assert (bottom.diff == 7.0).all()
         ref_dw = ref_conv(bottom.data, lay.blobs[0].data, None, top.diff, (1, 1), (1, 1), (1, 1), 1)[2]
-        np.testing.assert_allclose(lay.blobs[0].diff - before, ref_dw, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(host(lay.blobs[0].diff - before), ref_dw, rtol=1e-10, atol=1e-10)
 
 
 def test_cifar_like_shape_picks_batch_last_and_large_maps_batch_first():
     lp = text_format.Parse('name: "c" type: "Convolution" convolution_param { num_output: 32 '
                            'kernel_size: 5 pad: 2 }', caffe_pb2.LayerParameter())
     for shape, expect in (((100, 32, 16, 16), True), ((2, 64, 56, 56), False)):
-        lay = create_layer(lp, phase=caffe_pb2.TRAIN, dtype=np.float32, xp=np)
+        lay = create_layer(lp, phase=caffe_pb2.TRAIN, dtype=np.float32, xp=XP)
         lay.SetUp([Blob(shape)], [Blob(())])
         assert lay.batch_last == expect
 

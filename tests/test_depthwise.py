@@ -21,6 +21,7 @@ from netlib.errors import ConfigError, ShapeError
 from netlib.layer import create_layer
 from netlib.proto import caffe_pb2
 from netlib.testing import check_gradient
+from xp_mode import XP, host
 
 RNG = np.random.default_rng(4321)
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "depthwise", "cases.npz")
@@ -33,7 +34,7 @@ def make(text, shape, fast=True, dtype=np.float32, params=None, x=None):
     lp = text_format.Parse(text, caffe_pb2.LayerParameter())
     if not lp.name:
         lp.name = "dw_under_test"
-    lay = create_layer(lp, phase=caffe_pb2.TRAIN, dtype=dtype, xp=np)
+    lay = create_layer(lp, phase=caffe_pb2.TRAIN, dtype=dtype, xp=XP)
     lay.depthwise_fast_path = fast
     b = Blob(shape, dtype=dtype)
     b.data[...] = RNG.standard_normal(shape) if x is None else x
@@ -47,12 +48,12 @@ def make(text, shape, fast=True, dtype=np.float32, params=None, x=None):
 
 def run(lay, bottom, top, dy):
     lay.Forward(bottom, top)
-    y = top[0].data.copy()
+    y = host(top[0].data).copy()
     top[0].diff[...] = dy
     for blob in lay.blobs:
         blob.diff[...] = 0
     lay.Backward(top, [True], bottom)
-    return y, bottom[0].diff.copy(), [blob.diff.copy() for blob in lay.blobs]
+    return y, host(bottom[0].diff).copy(), [host(blob.diff).copy() for blob in lay.blobs]
 
 
 def conv_text(C, m, kh, kw, s, p, d, bias, type_="Convolution", group=True):
@@ -70,9 +71,9 @@ def out_size(n, k, p, s, d):
 def naive(x, W, b, stride, pad, dil, dy):
     """Caffe's definition, one output position and kernel offset at a time
     (vectorised over batch and output channel only); float64.  W (C*m, 1, kh, kw)."""
-    x = np.asarray(x, np.float64)
-    W = np.asarray(W, np.float64)
-    dy = np.asarray(dy, np.float64)
+    x = np.asarray(host(x), np.float64)
+    W = np.asarray(host(W), np.float64)
+    dy = np.asarray(host(dy), np.float64)
     N, C, H, Wd = x.shape
     O, _, kh, kw = W.shape
     m = O // C
@@ -90,13 +91,13 @@ def naive(x, W, b, stride, pad, dil, dy):
                 dW[:, 0, a, e] += (x[:, src, r, c] * dy[:, :, i, j]).sum(axis=0)
     db = dy.sum(axis=(0, 2, 3))
     if b is not None:
-        y += np.asarray(b, np.float64).reshape(1, O, 1, 1)
+        y += np.asarray(host(b), np.float64).reshape(1, O, 1, 1)
     return y, dx, dW, db
 
 
 def close(got, ref, rtol=1e-5):
-    got = np.asarray(got, np.float64)
-    ref = np.asarray(ref, np.float64)
+    got = np.asarray(host(got), np.float64)
+    ref = np.asarray(host(ref), np.float64)
     assert got.shape == ref.shape, (got.shape, ref.shape)
     np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * max(1.0, float(np.abs(ref).max(initial=0))))
 
@@ -215,10 +216,10 @@ def test_backward_accumulates_params_and_honours_propagate_flags():
     # propagate_down False leaves the bottom diff; param_propagate_down False the param diff
     bottom[0].diff[...] = 7
     lay.param_propagate_down = [False, True]
-    w_before = lay.blobs[0].diff.copy()
+    w_before = host(lay.blobs[0].diff).copy()
     lay.Backward(top, [False], bottom)
     assert (bottom[0].diff == 7).all()
-    np.testing.assert_array_equal(lay.blobs[0].diff, w_before)
+    np.testing.assert_array_equal(host(lay.blobs[0].diff), w_before)
     close(lay.blobs[1].diff, 3 * once[1])
 
 
@@ -227,7 +228,7 @@ def test_two_bottoms_share_weights_and_axis_flattening():
            'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }'
     lp = text_format.Parse(text, caffe_pb2.LayerParameter())
     lp.name = "dw2"
-    lay = create_layer(lp, phase=caffe_pb2.TRAIN, xp=np)
+    lay = create_layer(lp, phase=caffe_pb2.TRAIN, xp=XP)
     xs = [RNG.standard_normal((2, 2, 3, 5, 6)).astype(np.float32) for _ in range(2)]
     bottom = [Blob(x.shape) for x in xs]
     for b, x in zip(bottom, xs):
@@ -270,7 +271,7 @@ def test_caffe_truncation_quirk_overhang():
     lay, bottom, top = make(conv_text(2, 1, 5, 5, 2, 0, 1, False), x.shape, x=x)
     lay.Forward(bottom, top)
     assert top[0].shape == (1, 2, 1, 1)
-    W = lay.blobs[0].data
+    W = host(lay.blobs[0].data)
     close(top[0].data.ravel(), (x[0] * W[:, 0, :4, :4]).sum(axis=(1, 2)))
 
 
@@ -321,7 +322,7 @@ def test_matches_real_caffe_goldens(name, fast):
         case = {k.split("/", 1)[1]: g[k] for k in g.files if k.startswith(name + "/")}
     text = str(case["prototxt"])
     lp = text_format.Parse(text[text.index("{") + 1:text.rindex("}")], caffe_pb2.LayerParameter())
-    lay = create_layer(lp, phase=caffe_pb2.TEST, xp=np)
+    lay = create_layer(lp, phase=caffe_pb2.TEST, xp=XP)
     lay.depthwise_fast_path = fast
     b, t = Blob(case["x"].shape), Blob(())
     b.data[...] = case["x"]

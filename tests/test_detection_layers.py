@@ -17,6 +17,7 @@ from netlib.errors import ConfigError, NetlibError, ShapeError
 from netlib.layer import create_layer
 from netlib.proto import caffe_pb2
 from netlib.testing import check_gradient
+from xp_mode import XP, host
 
 
 def make_layer(text, dtype=numpy.float32):
@@ -24,17 +25,17 @@ def make_layer(text, dtype=numpy.float32):
     text_format.Parse(text, lp)
     if not lp.name:
         lp.name = "under_test"
-    return create_layer(lp, phase=caffe_pb2.TEST, dtype=dtype, xp=numpy)
+    return create_layer(lp, phase=caffe_pb2.TEST, dtype=dtype, xp=XP)
 
 
 def run(text, arrays, dtype=numpy.float32, params=None):
     layer = make_layer(text, dtype)
     bottom = []
     for a in arrays:
-        b = Blob(numpy.shape(a), dtype=dtype, xp=numpy)
+        b = Blob(numpy.shape(a), dtype=dtype, xp=XP)
         b.data[...] = a
         bottom.append(b)
-    top = [Blob((), dtype=dtype, xp=numpy)]
+    top = [Blob((), dtype=dtype, xp=XP)]
     layer.SetUp(bottom, top)
     if params is not None:
         for blob, arr in zip(layer.blobs, params):
@@ -45,9 +46,9 @@ def run(text, arrays, dtype=numpy.float32, params=None):
 
 def setup_error(text, shapes):
     layer = make_layer(text)
-    bottom = [Blob(s, xp=numpy) for s in shapes]
+    bottom = [Blob(s, xp=XP) for s in shapes]
     with pytest.raises(NetlibError) as info:
-        layer.SetUp(bottom, [Blob((), xp=numpy)])
+        layer.SetUp(bottom, [Blob((), xp=XP)])
     assert "under_test" in str(info.value)
     return info.value
 
@@ -81,14 +82,14 @@ def test_permute_forward_matches_naive(shape, order):
     _, _, top = run(permute_text(order), [x])
     ref = permute_ref(x, order)
     assert top[0].shape == ref.shape
-    numpy.testing.assert_array_equal(top[0].data, ref)
+    numpy.testing.assert_array_equal(host(top[0].data), ref)
 
 
 def test_permute_identity_shares_bottom():
     x = numpy.arange(24, dtype=numpy.float32).reshape(2, 3, 4)
     layer, bottom, top = run(permute_text([0, 1]), [x])
     assert top[0].shares_data_with(bottom[0])
-    numpy.testing.assert_array_equal(top[0].data, x)
+    numpy.testing.assert_array_equal(host(top[0].data), x)
 
 
 @pytest.mark.parametrize("shape,order", PERMUTE_CASES)
@@ -161,7 +162,7 @@ def test_priorbox_hand_computed_2x2_300():
             'clip: true variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 }')
     _, _, top = run(text, [numpy.zeros((1, 8, 2, 2)), numpy.zeros((1, 3, 300, 300))])
     assert top[0].shape == (1, 2, 2 * 2 * 4 * 4)
-    boxes = top[0].data[0, 0].reshape(2, 2, 4, 4)
+    boxes = host(top[0].data)[0, 0].reshape(2, 2, 4, 4)
     r = math.sqrt(1800) / 2                    # 21.213
     a, b = 30 * math.sqrt(2) / 2, 30 / math.sqrt(2) / 2   # 21.213, 10.607
     for (h, w), (cx, cy) in {(0, 0): (75, 75), (0, 1): (225, 75), (1, 0): (75, 225), (1, 1): (225, 225)}.items():
@@ -169,7 +170,7 @@ def test_priorbox_hand_computed_2x2_300():
                   [cx - a, cy - b, cx + a, cy + b], [cx - b, cy - a, cx + b, cy + a]]
         numpy.testing.assert_allclose(boxes[h, w], numpy.array(expect) / 300, rtol=0, atol=1e-7)
     numpy.testing.assert_allclose(boxes[0, 0, 0], [0.2, 0.2, 0.3, 0.3], atol=1e-7)
-    numpy.testing.assert_allclose(top[0].data[0, 1].reshape(-1, 4), [[0.1, 0.1, 0.2, 0.2]] * 16, atol=0)
+    numpy.testing.assert_allclose(host(top[0].data[0, 1].reshape(-1, 4)), [[0.1, 0.1, 0.2, 0.2]] * 16, atol=0)
 
 
 def test_priorbox_clip_and_single_variance():
@@ -178,10 +179,10 @@ def test_priorbox_clip_and_single_variance():
     _, _, t0 = run(base % "clip: false", bottoms)
     _, _, t1 = run(base % "clip: true", bottoms)
     # cell (0, 0): centre 75, half size 100 -> (-25, -25, 175, 175) / 300
-    numpy.testing.assert_allclose(t0[0].data[0, 0, :4], numpy.array([-25, -25, 175, 175]) / 300, atol=1e-7)
-    numpy.testing.assert_allclose(t1[0].data[0, 0, :4], [0, 0, 175 / 300, 175 / 300], atol=1e-7)
+    numpy.testing.assert_allclose(host(t0[0].data[0, 0, :4]), numpy.array([-25, -25, 175, 175]) / 300, atol=1e-7)
+    numpy.testing.assert_allclose(host(t1[0].data[0, 0, :4]), [0, 0, 175 / 300, 175 / 300], atol=1e-7)
     assert t1[0].data[0, 0].min() >= 0 and t1[0].data[0, 0].max() <= 1
-    numpy.testing.assert_array_equal(t1[0].data[0, 1], numpy.float32(0.3))
+    numpy.testing.assert_array_equal(host(t1[0].data[0, 1]), numpy.float32(0.3))
 
 
 PRIOR_CASES = [
@@ -207,17 +208,17 @@ def test_priorbox_matches_naive(case, fmap, img):
                     [numpy.zeros((2, 4) + fmap), numpy.zeros((2, 3) + img)])
     ref = priorbox_ref(fmap[0], fmap[1], img[0], img[1], **case)
     assert top[0].shape == ref.shape
-    numpy.testing.assert_allclose(top[0].data, ref, rtol=0, atol=2e-7)
+    numpy.testing.assert_allclose(host(top[0].data), ref, rtol=0, atol=2e-7)
 
 
 def test_priorbox_img_size_overrides_the_image_bottom():
     text = 'type: "PriorBox" prior_box_param { min_size: 16 aspect_ratio: 2 img_h: 64 img_w: 96 }'
     _, _, top = run(text, [numpy.zeros((1, 1, 4, 6)), numpy.zeros((1, 3, 7, 7))])
     ref = priorbox_ref(4, 6, 64, 96, [16], ratios=[2])
-    numpy.testing.assert_allclose(top[0].data, ref, atol=2e-7)
+    numpy.testing.assert_allclose(host(top[0].data), ref, atol=2e-7)
     _, _, top2 = run(text.replace("img_h: 64 img_w: 96", "img_size: 64"),
                      [numpy.zeros((1, 1, 4, 6)), numpy.zeros((1, 3, 7, 7))])
-    numpy.testing.assert_allclose(top2[0].data, priorbox_ref(4, 6, 64, 64, [16], ratios=[2]), atol=2e-7)
+    numpy.testing.assert_allclose(host(top2[0].data), priorbox_ref(4, 6, 64, 64, [16], ratios=[2]), atol=2e-7)
 
 
 @pytest.mark.parametrize("params,word", [
@@ -275,7 +276,7 @@ def test_normalize_forward_matches_naive(across, shared, shape):
     layer, _, top = run(norm_text(across, shared), [x], params=[scale])
     assert layer.blobs[0].shape == (() if shared else (shape[1],))
     ref = normalize_ref(x, scale, across, shared, 1e-10)
-    numpy.testing.assert_allclose(top[0].data, ref, rtol=2e-6, atol=1e-7)
+    numpy.testing.assert_allclose(host(top[0].data), ref, rtol=2e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("across", [False, True])
@@ -284,12 +285,12 @@ def test_normalize_eps_is_inside_the_square_root(across):
     x = numpy.full((1, 2, 1, 1), 1e-3, numpy.float32)
     _, _, top = run(norm_text(across, True, eps=1e-4, filler=""), [x])
     expect = 1e-3 / math.sqrt(2e-6 + 1e-4)
-    numpy.testing.assert_allclose(top[0].data.ravel(), [expect, expect], rtol=1e-5)
+    numpy.testing.assert_allclose(host(top[0].data.ravel()), [expect, expect], rtol=1e-5)
     # the default scale filler is constant 1 and an all-zero image gives zeros, not NaN
     layer, _, top0 = run('type: "Normalize" norm_param { across_spatial: %s }' % str(across).lower(),
                          [numpy.zeros((1, 3, 2, 2), numpy.float32)])
     assert float(layer.blobs[0].data) == 1.0
-    assert numpy.all(top0[0].data == 0)
+    assert numpy.all(host(top0[0].data) == 0)
 
 
 @pytest.mark.parametrize("across,shared", NORM_VARIANTS)
@@ -310,14 +311,14 @@ def test_normalize_scale_gradient_matches_naive(across, shared):
     layer.Backward(top, [False], bottom)
     unit = normalize_ref(x, 1.0, across, True, 1e-10)
     want = (unit * dy).sum() if shared else (unit * dy).sum(axis=(0, 2, 3))
-    numpy.testing.assert_allclose(layer.blobs[0].diff, want, rtol=1e-10)
+    numpy.testing.assert_allclose(host(layer.blobs[0].diff), want, rtol=1e-10)
 
 
 def test_normalize_errors():
     err = setup_error('type: "Normalize"', [(4,)])
     assert isinstance(err, ShapeError) and "at least 2 axes" in str(err)
     layer = make_layer('type: "Normalize"')
-    b = Blob((1, 2, 2, 2), xp=numpy)
+    b = Blob((1, 2, 2, 2), xp=XP)
     with pytest.raises(ConfigError, match="in place"):
         layer.SetUp([b], [b])
 
@@ -453,8 +454,8 @@ def test_detection_output_matches_naive(case, seed):
     _, _, top = run(det_text(C, **case), [loc, conf, priors])
     ref = reference_detection_output(loc, conf, priors, C, **case)
     assert top[0].shape == ref.shape
-    numpy.testing.assert_array_equal(top[0].data[..., :3], ref[..., :3].astype(numpy.float32))
-    numpy.testing.assert_allclose(top[0].data[..., 3:], ref[..., 3:], rtol=0, atol=2e-6)
+    numpy.testing.assert_array_equal(host(top[0].data[..., :3]), ref[..., :3].astype(numpy.float32))
+    numpy.testing.assert_allclose(host(top[0].data[..., 3:]), ref[..., 3:], rtol=0, atol=2e-6)
 
 
 def test_detection_output_no_detection_gives_one_minus_one_row_per_image():
@@ -462,13 +463,13 @@ def test_detection_output_no_detection_gives_one_minus_one_row_per_image():
     _, _, top = run(det_text(4, conf_thr=0.999), [loc, conf, priors])
     expect = numpy.full((1, 1, 3, 7), -1, numpy.float32)
     expect[0, 0, :, 0] = [0, 1, 2]
-    numpy.testing.assert_array_equal(top[0].data, expect)
+    numpy.testing.assert_array_equal(host(top[0].data), expect)
 
 
 def test_detection_output_rows_ordered_by_image_label_then_score():
     loc, conf, priors = det_inputs(4, N=2)
     _, _, top = run(det_text(4, keep_top_k=9, conf_thr=0.05), [loc, conf, priors])
-    rows = top[0].data[0, 0]
+    rows = host(top[0].data)[0, 0]
     assert rows.shape[0] <= 18
     key = [(r[0], r[1], -r[2]) for r in rows]
     assert key == sorted(key)
@@ -484,7 +485,7 @@ def test_detection_output_suppresses_overlapping_boxes():
     loc = numpy.zeros((1, 12), numpy.float32)
     conf = numpy.array([[0.2, 0.8, 0.1, 0.9, 0.4, 0.6]], numpy.float32)   # P x (bg, fg)
     _, _, top = run(det_text(2, nms_thr=0.5), [loc, conf, priors])
-    numpy.testing.assert_allclose(top[0].data[0, 0], [[0, 1, 0.9, 0.12, 0.1, 0.52, 0.5],
+    numpy.testing.assert_allclose(host(top[0].data[0, 0]), [[0, 1, 0.9, 0.12, 0.1, 0.52, 0.5],
                                                       [0, 1, 0.6, 0.6, 0.6, 0.9, 0.9]], atol=1e-7)
 
 
@@ -504,7 +505,7 @@ def test_detection_output_errors(param, shapes, word, error):
     shapes = shapes or [(1, 40), (1, 30), (1, 2, 40)]
     if word is None:
         layer = make_layer(text)
-        layer.SetUp([Blob(s, xp=numpy) for s in shapes], [Blob((), xp=numpy)])
+        layer.SetUp([Blob(s, xp=XP) for s in shapes], [Blob((), xp=XP)])
         return
     err = setup_error(text, shapes)
     assert isinstance(err, error) and word in str(err) and "DetectionOutput" in str(err)

@@ -16,6 +16,7 @@ from netlib.builtin import common
 from netlib.layer import create_layer
 from netlib.proto import caffe_pb2
 from netlib.random import set_random_seed
+from xp_mode import XP, host
 
 DTYPES = [numpy.float64, numpy.float32]
 
@@ -32,11 +33,11 @@ def tol(dtype):
 def make_layer(text, dtype, phase=caffe_pb2.TRAIN):
     lp = caffe_pb2.LayerParameter()
     text_format.Parse(text, lp)
-    return create_layer(lp, phase=phase, dtype=dtype, xp=numpy)
+    return create_layer(lp, phase=phase, dtype=dtype, xp=XP)
 
 
 def blob(arr, dtype):
-    b = Blob(arr.shape, dtype=dtype, xp=numpy)
+    b = Blob(arr.shape, dtype=dtype, xp=XP)
     b.data[...] = arr
     return b
 
@@ -112,15 +113,15 @@ def test_inner_product_gradients_accumulate(dtype, transpose, monkeypatch):
     layer = make_layer(text, dtype)
     x = r.standard_normal((M, 2, 3))
     b = blob(x, dtype)
-    t = Blob((), dtype=dtype, xp=numpy)
+    t = Blob((), dtype=dtype, xp=XP)
     layer.SetUp([b], [t])
-    w = layer.blobs[0].data.astype(numpy.float64)
-    bias = layer.blobs[1].data.astype(numpy.float64)
+    w = host(layer.blobs[0].data).astype(numpy.float64)
+    bias = host(layer.blobs[1].data).astype(numpy.float64)
     layer.Forward([b], [t])
     x2 = x.reshape(M, K).astype(dtype).astype(numpy.float64)
     wn = w.T if transpose else w          # (N, K)
     y_ref = naive_matmul(x2, wn.T) + bias
-    numpy.testing.assert_allclose(t.data, y_ref, **tol(dtype))
+    numpy.testing.assert_allclose(host(t.data), y_ref, **tol(dtype))
     dy = r.standard_normal((M, N)).astype(dtype)
     t.diff[...] = dy
     w_prev = r.standard_normal(layer.blobs[0].shape).astype(dtype)
@@ -130,10 +131,10 @@ def test_inner_product_gradients_accumulate(dtype, transpose, monkeypatch):
     layer.backward([t], [True], [b])
     dy64 = dy.astype(numpy.float64)
     dwn = naive_matmul(dy64.T, x2)        # (N, K)
-    numpy.testing.assert_allclose(layer.blobs[0].diff, w_prev + (dwn.T if transpose else dwn),
+    numpy.testing.assert_allclose(host(layer.blobs[0].diff), w_prev + (dwn.T if transpose else dwn),
                                   **tol(dtype))
-    numpy.testing.assert_allclose(layer.blobs[1].diff, b_prev + dy64.sum(axis=0), **tol(dtype))
-    numpy.testing.assert_allclose(b.diff.reshape(M, K), naive_matmul(dy64, wn), **tol(dtype))
+    numpy.testing.assert_allclose(host(layer.blobs[1].diff), b_prev + dy64.sum(axis=0), **tol(dtype))
+    numpy.testing.assert_allclose(host(b.diff.reshape(M, K)), naive_matmul(dy64, wn), **tol(dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def test_batch_norm_train(dtype, in_place, shape, block, monkeypatch, engine):
     layer = make_layer('type: "BatchNorm" batch_norm_param { use_global_stats: false '
                        'moving_average_fraction: 0.9 }', dtype)
     b = blob(x, dtype)
-    t = b if in_place else Blob((), dtype=dtype, xp=numpy)
+    t = b if in_place else Blob((), dtype=dtype, xp=XP)
     layer.SetUp([b], [t])
     prev_mean = r.standard_normal(shape[1])
     prev_var = r.random(shape[1])
@@ -186,18 +187,18 @@ def test_batch_norm_train(dtype, in_place, shape, block, monkeypatch, engine):
     layer.blobs[2].data[...] = 2.0
     layer.Forward([b], [t])
     y_ref, dx_ref, mu, var = batch_norm_ref(x, dy, f32(eps))
-    numpy.testing.assert_allclose(t.data, y_ref, **tol(dtype))
+    numpy.testing.assert_allclose(host(t.data), y_ref, **tol(dtype))
     m = x.size // shape[1]
     maf = f32(0.9)
-    numpy.testing.assert_allclose(layer.blobs[2].data, [2.0 * maf + 1], **tol(dtype))
-    numpy.testing.assert_allclose(layer.blobs[0].data, mu + maf * prev_mean.astype(dtype), **tol(dtype))
-    numpy.testing.assert_allclose(layer.blobs[1].data, m / (m - 1) * var + maf * prev_var.astype(dtype),
+    numpy.testing.assert_allclose(host(layer.blobs[2].data), [2.0 * maf + 1], **tol(dtype))
+    numpy.testing.assert_allclose(host(layer.blobs[0].data), mu + maf * prev_mean.astype(dtype), **tol(dtype))
+    numpy.testing.assert_allclose(host(layer.blobs[1].data), m / (m - 1) * var + maf * prev_var.astype(dtype),
                                   **tol(dtype))
     if in_place:
         t.data[...] = 123.0      # a later in-place layer overwrites the top: backward must not care
     t.diff[...] = dy
     layer.backward([t], [True], [b])
-    numpy.testing.assert_allclose(b.diff, dx_ref, **tol(dtype))
+    numpy.testing.assert_allclose(host(b.diff), dx_ref, **tol(dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -239,18 +240,18 @@ def test_lrn_across(dtype, in_place, size, alpha, beta, k):
     layer = make_layer('type: "LRN" lrn_param { local_size: %d alpha: %g beta: %g k: %g }'
                        % (size, alpha, beta, k), dtype)
     b = blob(x, dtype)
-    t = b if in_place else Blob((), dtype=dtype, xp=numpy)
+    t = b if in_place else Blob((), dtype=dtype, xp=XP)
     layer.SetUp([b], [t])
     y_ref, dx_ref = lrn_ref(x, dy, size, f32(alpha), f32(beta), f32(k))
     for _ in range(2):           # twice: the kept buffers are reused
         b.data[...] = x
         layer.Forward([b], [t])
-        numpy.testing.assert_allclose(t.data, y_ref, **tol(dtype))
+        numpy.testing.assert_allclose(host(t.data), y_ref, **tol(dtype))
         if in_place:
             t.data[...] = -5.0   # a later in-place layer changes the top
         t.diff[...] = dy
         layer.backward([t], [True], [b])
-        numpy.testing.assert_allclose(b.diff, dx_ref, **tol(dtype))
+        numpy.testing.assert_allclose(host(b.diff), dx_ref, **tol(dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def test_eltwise_sum(dtype, coeffs, in_place):
     text = 'type: "Eltwise" eltwise_param { operation: SUM %s }' % " ".join("coeff: %g" % c for c in coeffs)
     layer = make_layer(text, dtype)
     bottoms = [blob(x, dtype) for x in xs]
-    t = bottoms[0] if in_place else Blob((), dtype=dtype, xp=numpy)
+    t = bottoms[0] if in_place else Blob((), dtype=dtype, xp=XP)
     layer.SetUp(bottoms, [t])
     layer.Forward(bottoms, [t])
     c = coeffs or (1.0, 1.0, 1.0)
@@ -274,11 +275,11 @@ def test_eltwise_sum(dtype, coeffs, in_place):
     for ci, x in zip(c, xs):
         for idx in numpy.ndindex(x.shape):
             want[idx] += ci * float(x[idx])
-    numpy.testing.assert_allclose(t.data, want, **tol(dtype))
+    numpy.testing.assert_allclose(host(t.data), want, **tol(dtype))
     t.diff[...] = dy
     layer.backward([t], [True] * 3, bottoms)
     for ci, bt in zip(c[::-1], bottoms[::-1]):
-        numpy.testing.assert_allclose(bt.diff, ci * dy.astype(numpy.float64), **tol(dtype))
+        numpy.testing.assert_allclose(host(bt.diff), ci * dy.astype(numpy.float64), **tol(dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -296,13 +297,13 @@ def test_dropout_mask_in_place(dtype):
         set_random_seed(9)
         layer = make_layer(text, dtype)
         b = blob(x, dtype)
-        t = b if in_place else Blob((), dtype=dtype, xp=numpy)
+        t = b if in_place else Blob((), dtype=dtype, xp=XP)
         layer.SetUp([b], [t])
         layer.Forward([b], [t])
-        y = t.data.copy()
+        y = host(t.data).copy()
         t.diff[...] = dy
         layer.backward([t], [True], [b])
-        results.append((y, b.diff.copy()))
+        results.append((y, host(b.diff).copy()))
     (y1, dx1), (y2, dx2) = results
     numpy.testing.assert_array_equal(y1, y2)
     numpy.testing.assert_array_equal(dx1, dx2)
@@ -345,7 +346,7 @@ def test_scale_in_place_gradients(dtype, frozen, block, monkeypatch, engine):
     want = numpy.zeros(shape)
     for idx in numpy.ndindex(shape):
         want[idx] = float(x[idx]) * float(s[idx[1]]) + float(bias[idx[1]])
-    numpy.testing.assert_allclose(b.data, want, **tol(dtype))
+    numpy.testing.assert_allclose(host(b.data), want, **tol(dtype))
     b.data[...] = 7.0            # a later in-place layer changes the top
     b.diff[...] = dy
     layer.blobs[0].diff[...] = 0
@@ -356,9 +357,9 @@ def test_scale_in_place_gradients(dtype, frozen, block, monkeypatch, engine):
         ds[idx[1]] += float(dy[idx]) * float(x[idx])
         db[idx[1]] += float(dy[idx])
     if not frozen:
-        numpy.testing.assert_allclose(layer.blobs[0].diff, ds, **tol(dtype))
-    numpy.testing.assert_allclose(layer.blobs[1].diff, db, **tol(dtype))
-    numpy.testing.assert_allclose(b.diff, dy.astype(numpy.float64) * s.astype(numpy.float64)[None, :, None],
+        numpy.testing.assert_allclose(host(layer.blobs[0].diff), ds, **tol(dtype))
+    numpy.testing.assert_allclose(host(layer.blobs[1].diff), db, **tol(dtype))
+    numpy.testing.assert_allclose(host(b.diff), dy.astype(numpy.float64) * s.astype(numpy.float64)[None, :, None],
                                   **tol(dtype))
 
 

@@ -13,6 +13,7 @@ from netlib.layer import create_layer
 from netlib.builtin.structural import reshape_top_shape
 from netlib.proto import caffe_pb2
 from netlib.testing import check_gradient
+from xp_mode import XP, dev, host
 
 RNG = np.random.default_rng(77)
 
@@ -24,7 +25,7 @@ def make(text, dtype=np.float32, name="under_test"):
     lp = text_format.Parse(text, caffe_pb2.LayerParameter())
     if not lp.name:
         lp.name = name
-    return create_layer(lp, phase=caffe_pb2.TEST, dtype=dtype, xp=np)
+    return create_layer(lp, phase=caffe_pb2.TEST, dtype=dtype, xp=XP)
 
 
 def blobs(arrays, dtype=np.float32):
@@ -67,7 +68,7 @@ def randn(*shape, scale=1.0):
 
 
 def close(a, b, tol=1e-5):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+    np.testing.assert_allclose(np.asarray(host(a), np.float64), np.asarray(host(b), np.float64),
                                rtol=tol, atol=tol)
 
 
@@ -81,13 +82,13 @@ def fd_check_shared(text, arrays, ntop=1, step=1e-3, tol=1e-6):
     top = [Blob((), dtype=np.float64) for _ in range(ntop)]
     lay.SetUp(bottom, top)
     lay.Forward(bottom, top)
-    weights = [RNG.standard_normal(t.shape) for t in top]
+    weights = [dev(RNG.standard_normal(t.shape)) for t in top]
     for b in bottom:
         b.diff[...] = 0
     for t, w in zip(top, weights):
         t.diff[...] = w
     lay.Backward(top, [True] * len(bottom), bottom)
-    analytic = [b.diff.copy() for b in bottom]
+    analytic = [host(b.diff).copy() for b in bottom]
 
     def objective():
         lay.Forward(bottom, top)
@@ -624,7 +625,7 @@ def test_eltwise_prod_grad_with_zero_input():
     close(bottom[0].diff, [[3.0, 4.0]])  # stable: product of the others
     lay, bottom, top = fwd('type: "Eltwise" eltwise_param { operation: PROD stable_prod_grad: false }', xs)
     bwd(lay, top, bottom, [dy])
-    assert np.isnan(bottom[0].diff[0, 0])  # Caffe's unstable form: top / bottom = 0 / 0
+    assert np.isnan(float(bottom[0].diff[0, 0]))  # Caffe's unstable form: top / bottom = 0 / 0
     close(bottom[0].diff[0, 1], 4.0)
 
 
@@ -634,13 +635,13 @@ def test_eltwise_max_nan_follows_caffe_comparisons():
           np.array([nan, 5.0, 3.0], np.float32)]
     lay, bottom, top = fwd('type: "Eltwise" eltwise_param { operation: MAX }', xs)
     ref, arg = eltwise_naive(xs, "MAX")
-    np.testing.assert_array_equal(top[0].data, ref.astype(np.float32))  # [1, nan, 3]: literal a > b ? a : b
+    np.testing.assert_array_equal(host(top[0].data), ref.astype(np.float32))  # [1, nan, 3]: literal a > b ? a : b
     dy = np.array([1.0, 2.0, 3.0], np.float32)
     bwd(lay, top, bottom, [dy])
     for i in range(3):
-        np.testing.assert_array_equal(bottom[i].diff, np.where(arg == i, dy, 0))
+        np.testing.assert_array_equal(host(bottom[i].diff), np.where(arg == i, dy, 0))
     lay, bottom, top = fwd('type: "Eltwise" eltwise_param { operation: MAX }', xs[1:])
-    np.testing.assert_array_equal(top[0].data, eltwise_naive(xs[1:], "MAX")[0].astype(np.float32))
+    np.testing.assert_array_equal(host(top[0].data), eltwise_naive(xs[1:], "MAX")[0].astype(np.float32))
 
 
 @pytest.mark.parametrize("op", ["SUM", "PROD", "MAX"])
@@ -1026,7 +1027,7 @@ def test_scale_param_diff_accumulation_quirk(x_shape, param, accumulates):
     lay, bottom, top = fwd('type: "Scale" scale_param { %s }' % param, [randn(*x_shape)])
     dy = randn(*x_shape)
     bwd(lay, top, bottom, [dy])
-    g = lay.blobs[0].diff.copy()
+    g = host(lay.blobs[0].diff).copy()
     assert np.abs(g).sum() > 0
     lay.Backward(top, [True], bottom)
     close(lay.blobs[0].diff, 2 * g if accumulates else g, 1e-6)

@@ -12,6 +12,7 @@ from netlib.layer import create_layer
 from netlib.builtin.loss import LossLayer
 from netlib.proto import caffe_pb2
 from netlib.testing import check_gradient
+from xp_mode import XP, host
 
 RNG = np.random.default_rng(77)
 FLT_MIN = 1.1754943508222875e-38
@@ -22,7 +23,7 @@ def make(text, phase="TEST", dtype=np.float32):
     if not lp.name:
         lp.name = "under_test"
     ph = caffe_pb2.TRAIN if phase == "TRAIN" else caffe_pb2.TEST
-    return create_layer(lp, phase=ph, dtype=dtype, xp=np)
+    return create_layer(lp, phase=ph, dtype=dtype, xp=XP)
 
 
 def run(text, bottoms, num_tops=1, top_diff=None, propagate=None):
@@ -43,7 +44,7 @@ def run(text, bottoms, num_tops=1, top_diff=None, propagate=None):
         if top_diff is not None:
             top[0].diff[...] = top_diff
         lay.Backward(top, propagate, bottom)
-        diffs = [b.diff.copy() for b in bottom]
+        diffs = [host(b.diff).copy() for b in bottom]
     return lay, top, loss, diffs
 
 
@@ -160,7 +161,7 @@ def test_softmax_loss_prob_top_and_loss_weights():
     label = labels_for((3,), 4)
     lay, top, loss, _ = run(_softmax_text(1, "", "loss_weight: 1 loss_weight: 0"), [x, label], num_tops=2)
     e = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
-    np.testing.assert_allclose(top[1].data, e / e.sum(axis=1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(host(top[1].data), e / e.sum(axis=1, keepdims=True), rtol=1e-6)
     assert top[1].shape == (3, 4)
     assert loss == pytest.approx(float(top[0].data))
 
@@ -282,7 +283,7 @@ def test_accuracy_matches_reference(shape, axis, top_k, ignore):
     ref, per = accuracy_ref(x, label, axis, top_k, ignore)
     assert float(top[0].data) == pytest.approx(ref, rel=1e-6)
     assert top[1].shape == (shape[axis],)
-    np.testing.assert_allclose(top[1].data, per, rtol=1e-6)
+    np.testing.assert_allclose(host(top[1].data), per, rtol=1e-6)
     assert loss == 0.0
 
 
@@ -534,7 +535,7 @@ def test_infogain_source_file_and_prob_top(tmp_path):
     assert float(top[0].data) == pytest.approx(ref_loss, rel=1e-5)
     np.testing.assert_allclose(diffs[0], ref_grad, rtol=1e-5, atol=1e-6)
     e = np.exp(x - x.max(axis=1, keepdims=True))
-    np.testing.assert_allclose(top[1].data, e / e.sum(axis=1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(host(top[1].data), e / e.sum(axis=1, keepdims=True), rtol=1e-6)
 
 
 def test_infogain_errors(tmp_path):

@@ -12,6 +12,7 @@ from netlib.layer import create_layer
 from netlib.proto import caffe_pb2
 from netlib.random import set_random_seed
 from netlib.testing import check_gradient
+from xp_mode import XP, host
 
 RNG = np.random.default_rng(20240611)
 
@@ -21,7 +22,7 @@ def make(text, phase="TEST", dtype=np.float32):
     if not lp.name:
         lp.name = "under_test"
     ph = caffe_pb2.TRAIN if phase == "TRAIN" else caffe_pb2.TEST
-    return create_layer(lp, phase=ph, dtype=dtype, xp=np)
+    return create_layer(lp, phase=ph, dtype=dtype, xp=XP)
 
 
 def run(text, x, dy=None, in_place=False, phase="TEST", params=None, seed=None):
@@ -38,14 +39,14 @@ def run(text, x, dy=None, in_place=False, phase="TEST", params=None, seed=None):
     if seed is not None:
         set_random_seed(seed)
     lay.Forward([b], [t])
-    y = t.data.copy()
+    y = host(t.data).copy()
     if dy is None:
         return lay, y, None
     for p in lay.blobs:
         p.diff[...] = 0
     t.diff[...] = dy
     lay.Backward([t], [True], [b])
-    return lay, y, b.diff.copy()
+    return lay, y, host(b.diff).copy()
 
 
 def elementwise(fn, x):
@@ -57,7 +58,7 @@ def sample(shape=(2, 3, 4, 5), scale=2.0):
 
 
 def assert_close(got, ref, rtol=1e-5, atol=1e-6):
-    np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(host(got), np.float64), ref, rtol=rtol, atol=atol)
 
 
 def sigmoid_ref(v):
@@ -191,20 +192,20 @@ def test_prelu_parameter_gradient_accumulates():
     x = sample((2, 3, 4))
     dy = RNG.standard_normal(x.shape).astype(np.float32)
     lay, _, _ = run('type: "PReLU"', x, dy)
-    once = lay.blobs[0].diff.copy()
+    once = host(lay.blobs[0].diff).copy()
     assert np.abs(once).sum() > 0
     b, t = Blob(x.shape), Blob(x.shape)
     b.data[...] = x
     lay.Forward([b], [t])
     t.diff[...] = dy
     lay.Backward([t], [True], [b])  # param diff is not zeroed: it adds up (Caffe)
-    np.testing.assert_allclose(lay.blobs[0].diff, 2 * once, rtol=1e-6)
+    np.testing.assert_allclose(host(lay.blobs[0].diff), 2 * once, rtol=1e-6)
 
 
 def test_prelu_default_filler_and_shared_shape():
     lay, _, _ = run('type: "PReLU"', sample((2, 4, 3)))
     assert lay.blobs[0].shape == (4,)
-    np.testing.assert_array_equal(lay.blobs[0].data, np.full(4, 0.25, np.float32))
+    np.testing.assert_array_equal(host(lay.blobs[0].data), np.full(4, 0.25, np.float32))
     lay, y, _ = run('type: "PReLU" prelu_param { channel_shared: true filler { type: "constant" value: 0.1 } }',
                     np.array([[-1.0, 2.0], [-3.0, 4.0]], np.float32))
     assert lay.blobs[0].shape == ()  # Caffe: a 0-axis blob
@@ -347,7 +348,7 @@ def test_in_place_prelu_keeps_bottom_copy():
     l2, y2, dx2 = run('type: "PReLU"', x, dy, params=a, in_place=True)
     np.testing.assert_array_equal(y1, y2)
     np.testing.assert_allclose(dx1, dx2, rtol=1e-6)
-    np.testing.assert_allclose(l1.blobs[0].diff, l2.blobs[0].diff, rtol=1e-6)
+    np.testing.assert_allclose(host(l1.blobs[0].diff), host(l2.blobs[0].diff), rtol=1e-6)
 
 
 def test_relu_in_place_negative_slope_quirk_kept(engine):

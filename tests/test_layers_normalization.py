@@ -15,19 +15,20 @@ from netlib.errors import ConfigError, NetlibError
 from netlib.layer import create_layer
 from netlib.proto import caffe_pb2
 from netlib.testing import check_gradient
+from xp_mode import XP, host
 
 
 def make_layer(text, phase=caffe_pb2.TRAIN, dtype=numpy.float64):
     lp = caffe_pb2.LayerParameter()
     text_format.Parse(text, lp)
-    return create_layer(lp, phase=phase, dtype=dtype, xp=numpy)
+    return create_layer(lp, phase=phase, dtype=dtype, xp=XP)
 
 
 def run(text, x, phase=caffe_pb2.TRAIN, dtype=numpy.float64, params=None):
     layer = make_layer(text, phase, dtype)
-    b = Blob(x.shape, dtype=dtype, xp=numpy)
+    b = Blob(x.shape, dtype=dtype, xp=XP)
     b.data[...] = x
-    t = Blob((), dtype=dtype, xp=numpy)
+    t = Blob((), dtype=dtype, xp=XP)
     layer.SetUp([b], [t])
     if params is not None:
         for blob, arr in zip(layer.blobs, params):
@@ -87,7 +88,7 @@ def test_lrn_across_forward(n, alpha, beta, k):
     _, _, t = run(text, x)
     # float32 parameters as Caffe reads them
     f = lambda v: float(numpy.float32(v))  # noqa: E731
-    numpy.testing.assert_allclose(t.data, lrn_across_ref(x, n, f(alpha), f(beta), f(k)), rtol=1e-6)
+    numpy.testing.assert_allclose(host(t.data), lrn_across_ref(x, n, f(alpha), f(beta), f(k)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("n,alpha,beta,k", [(3, 1.0, 0.75, 1.0), (5, 0.5, 0.6, 7.0), (1, 2.0, 0.5, 1.0)])
@@ -97,7 +98,7 @@ def test_lrn_within_forward_ignores_k(n, alpha, beta, k):
             'k: %r }' % (n, alpha, beta, k))
     _, _, t = run(text, x)
     f = lambda v: float(numpy.float32(v))  # noqa: E731
-    numpy.testing.assert_allclose(t.data, lrn_within_ref(x, n, f(alpha), f(beta)), rtol=1e-6)
+    numpy.testing.assert_allclose(host(t.data), lrn_within_ref(x, n, f(alpha), f(beta)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("extra", ["local_size: 5", "local_size: 3 alpha: 0.5 beta: 0.6 k: 2",
@@ -117,14 +118,14 @@ def test_lrn_in_place_matches_out_of_place():
         t.diff[...] = dy
         layer.Backward([t], [True], [b])
         layer2 = make_layer(text)
-        blob = Blob(x.shape, dtype=numpy.float64, xp=numpy)
+        blob = Blob(x.shape, dtype=numpy.float64, xp=XP)
         blob.data[...] = x
         layer2.SetUp([blob], [blob])
         layer2.Forward([blob], [blob])
-        numpy.testing.assert_allclose(blob.data, t.data, rtol=1e-12)
+        numpy.testing.assert_allclose(host(blob.data), host(t.data), rtol=1e-12)
         blob.diff[...] = dy
         layer2.Backward([blob], [True], [blob])
-        numpy.testing.assert_allclose(blob.diff, b.diff, rtol=1e-12)
+        numpy.testing.assert_allclose(host(blob.diff), host(b.diff), rtol=1e-12)
 
 
 def test_lrn_rejects_even_size_and_non_4d():
@@ -163,19 +164,19 @@ def test_batchnorm_batch_stats_forward_and_running_update(shape, engine):
     layer, b, t = run(text, x1)
     maf, eps = float(numpy.float32(0.9)), float(numpy.float32(1e-3))
     y1, m1, v1 = bn_ref_batch(x1, eps)
-    numpy.testing.assert_allclose(t.data, y1, rtol=1e-10, atol=1e-12)
+    numpy.testing.assert_allclose(host(t.data), y1, rtol=1e-10, atol=1e-12)
     m = x1.size // shape[1]
-    numpy.testing.assert_allclose(layer.blobs[2].data, [1.0])
-    numpy.testing.assert_allclose(layer.blobs[0].data, m1, rtol=1e-10)
-    numpy.testing.assert_allclose(layer.blobs[1].data, v1 * m / (m - 1), rtol=1e-10)
+    numpy.testing.assert_allclose(host(layer.blobs[2].data), [1.0])
+    numpy.testing.assert_allclose(host(layer.blobs[0].data), m1, rtol=1e-10)
+    numpy.testing.assert_allclose(host(layer.blobs[1].data), v1 * m / (m - 1), rtol=1e-10)
     # second forward: s = 0.9 + 1, sums decay by maf
     b.data[...] = x2
     layer.Forward([b], [t])
     y2, m2, v2 = bn_ref_batch(x2, eps)
-    numpy.testing.assert_allclose(t.data, y2, rtol=1e-10, atol=1e-12)
-    numpy.testing.assert_allclose(layer.blobs[2].data, [maf + 1], rtol=1e-12)
-    numpy.testing.assert_allclose(layer.blobs[0].data, m2 + maf * m1, rtol=1e-10)
-    numpy.testing.assert_allclose(layer.blobs[1].data, (v2 + maf * v1) * m / (m - 1), rtol=1e-10)
+    numpy.testing.assert_allclose(host(t.data), y2, rtol=1e-10, atol=1e-12)
+    numpy.testing.assert_allclose(host(layer.blobs[2].data), [maf + 1], rtol=1e-12)
+    numpy.testing.assert_allclose(host(layer.blobs[0].data), m2 + maf * m1, rtol=1e-10)
+    numpy.testing.assert_allclose(host(layer.blobs[1].data), (v2 + maf * v1) * m / (m - 1), rtol=1e-10)
     # the stored statistics then normalise in TEST phase
     test_layer, _, tt = run('type: "BatchNorm" batch_norm_param { eps: 1e-3 }', x2,
                             phase=caffe_pb2.TEST, params=[bl.data for bl in layer.blobs])
@@ -183,7 +184,7 @@ def test_batchnorm_batch_stats_forward_and_running_update(shape, engine):
     mu = (m2 + maf * m1) / s
     var = (v2 + maf * v1) * m / (m - 1) / s
     bshape = (1, shape[1]) + (1,) * (len(shape) - 2)
-    numpy.testing.assert_allclose(tt.data, (x2 - mu.reshape(bshape)) / numpy.sqrt(var.reshape(bshape) + eps),
+    numpy.testing.assert_allclose(host(tt.data), (x2 - mu.reshape(bshape)) / numpy.sqrt(var.reshape(bshape) + eps),
                                   rtol=1e-10)
 
 
@@ -193,12 +194,12 @@ def test_batchnorm_global_stats_zero_scale_factor_and_default_phase(engine):
     layer, _, t = run('type: "BatchNorm"', x, phase=caffe_pb2.TEST,
                       params=[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [0.0]])
     assert layer.use_global_stats
-    numpy.testing.assert_allclose(t.data, x / math.sqrt(float(numpy.float32(1e-5))), rtol=1e-10)
+    numpy.testing.assert_allclose(host(t.data), x / math.sqrt(float(numpy.float32(1e-5))), rtol=1e-10)
     layer, _, t = run('type: "BatchNorm" batch_norm_param { use_global_stats: true }', x,
                       params=[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [2.0]])
     ref = (x - numpy.array([0.5, 1.0, 1.5]).reshape(1, 3, 1)) / numpy.sqrt(
         numpy.array([2.0, 2.5, 3.0]).reshape(1, 3, 1) + float(numpy.float32(1e-5)))
-    numpy.testing.assert_allclose(t.data, ref, rtol=1e-10)
+    numpy.testing.assert_allclose(host(t.data), ref, rtol=1e-10)
     assert layer.blobs[2].data[0] == 2.0   # global stats never update
 
 
@@ -222,15 +223,15 @@ def test_batchnorm_in_place_matches_out_of_place(engine):
     t.diff[...] = dy
     layer.Backward([t], [True], [b])
     layer2 = make_layer('type: "BatchNorm"')
-    blob = Blob(x.shape, dtype=numpy.float64, xp=numpy)
+    blob = Blob(x.shape, dtype=numpy.float64, xp=XP)
     blob.data[...] = x
     layer2.SetUp([blob], [blob])
     layer2.Forward([blob], [blob])
-    numpy.testing.assert_allclose(blob.data, t.data, rtol=1e-12)
+    numpy.testing.assert_allclose(host(blob.data), host(t.data), rtol=1e-12)
     blob.data[...] = 123.0   # a later in-place layer may change the top: gradient unaffected
     blob.diff[...] = dy
     layer2.Backward([blob], [True], [blob])
-    numpy.testing.assert_allclose(blob.diff, b.diff, rtol=1e-12)
+    numpy.testing.assert_allclose(host(blob.diff), host(b.diff), rtol=1e-12)
 
 
 BN_NET = """
@@ -281,7 +282,7 @@ def test_mvn_forward(nv, across):
     text = ('type: "MVN" mvn_param { normalize_variance: %s across_channels: %s eps: 0.01 }'
             % (str(nv).lower(), str(across).lower()))
     _, _, t = run(text, x)
-    numpy.testing.assert_allclose(t.data, mvn_ref(x, nv, across, float(numpy.float32(0.01))),
+    numpy.testing.assert_allclose(host(t.data), mvn_ref(x, nv, across, float(numpy.float32(0.01))),
                                   rtol=1e-10, atol=1e-12)
 
 
@@ -301,10 +302,10 @@ def test_mvn_backward_keeps_caffe_eps_quirk():
     layer, b, t = run('type: "MVN" mvn_param { eps: 0.5 }', x)
     t.diff[...] = dy
     layer.Backward([t], [True], [b])
-    xr, dr, yr = x.reshape(4, 9), dy.reshape(4, 9), t.data.reshape(4, 9)
+    xr, dr, yr = x.reshape(4, 9), dy.reshape(4, 9), host(t.data).reshape(4, 9)
     std = xr.std(axis=1, keepdims=True) + 0.5
     ref = (dr - dr.mean(1, keepdims=True) - (dr * yr).mean(1, keepdims=True) * yr) / std
-    numpy.testing.assert_allclose(b.diff.reshape(4, 9), ref, rtol=1e-10)
+    numpy.testing.assert_allclose(host(b.diff.reshape(4, 9)), ref, rtol=1e-10)
 
 
 # ---------------------------------------------------------------------------
@@ -340,7 +341,7 @@ def spp_ref(x, height, method):
 def test_spp_forward(height, method, hw):
     x = rng(15).standard_normal((2, 3) + hw)
     _, _, t = run('type: "SPP" spp_param { pyramid_height: %d pool: %s }' % (height, method), x)
-    numpy.testing.assert_allclose(t.data, spp_ref(x, height, method), rtol=1e-12)
+    numpy.testing.assert_allclose(host(t.data), spp_ref(x, height, method), rtol=1e-12)
 
 
 @pytest.mark.parametrize("height,method", [(1, "AVE"), (2, "MAX"), (3, "AVE")])
@@ -362,7 +363,7 @@ def test_spp_reshape_to_new_size():
     b.reshape(x.shape)
     b.data[...] = x
     layer.Forward([b], [t])
-    numpy.testing.assert_allclose(t.data, spp_ref(x, 2, "MAX"))
+    numpy.testing.assert_allclose(host(t.data), spp_ref(x, 2, "MAX"))
 
 
 # ---------------------------------------------------------------------------
@@ -395,7 +396,7 @@ def im2col_ref(x, kh, kw, ph, pw, sh, sw, dh=1, dw=1):
 def test_im2col_forward(conv, args):
     x = rng(18).standard_normal((2, 3, 5, 6))
     _, _, t = run('type: "Im2col" convolution_param { %s }' % conv, x)
-    numpy.testing.assert_allclose(t.data, im2col_ref(x, *args), rtol=0, atol=0)
+    numpy.testing.assert_allclose(host(t.data), im2col_ref(x, *args), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("conv", ["kernel_size: 3 pad: 1", "kernel_size: 2 stride: 2 pad: 1",
@@ -413,4 +414,4 @@ def test_float32_paths_run():
         _, _, t32 = run(text, x.astype(numpy.float32), dtype=numpy.float32)
         _, _, t64 = run(text, x)
         assert t32.data.dtype == numpy.float32
-        numpy.testing.assert_allclose(t32.data, t64.data, rtol=1e-4, atol=1e-5)
+        numpy.testing.assert_allclose(host(t32.data), host(t64.data), rtol=1e-4, atol=1e-5)

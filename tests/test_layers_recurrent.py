@@ -29,6 +29,7 @@ from netlib.layer import create_layer
 from netlib.blob import Blob
 from netlib.testing import check_gradient, _layer_param
 from conftest import SHARED
+from xp_mode import XP, dev, host
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "golden", "recurrent")
@@ -38,7 +39,7 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 def assert_close(got, ref, what, rtol=RTOL, atol=ATOL):
-    got = numpy.asarray(got, dtype=numpy.float64)
+    got = numpy.asarray(host(got), dtype=numpy.float64)
     ref = numpy.asarray(ref, dtype=numpy.float64)
     assert got.shape == ref.shape, "%s: shape %s, expected %s" % (what, got.shape, ref.shape)
     tol = rtol * numpy.abs(ref) + atol * max(numpy.abs(ref).max() if ref.size else 0, 1e-3)
@@ -111,7 +112,7 @@ def test_caffe_written_weights_load(tmp_path):
     assert [p.data.shape for p in net.params["rnn1"]] == [(3, 5), (3,), (3, 2), (3, 3), (3, 3), (3,)]
     for name in ("lstm1", "rnn1"):
         for i, p in enumerate(net.params[name]):
-            numpy.testing.assert_array_equal(p.data, g["params/%s/%d" % (name, i)])
+            numpy.testing.assert_array_equal(host(p.data), g["params/%s/%d" % (name, i)])
     for b in ("x", "cont", "x_static"):
         net.blobs[b].data[...] = g[b]
     net.forward()
@@ -173,11 +174,11 @@ def _make(text, bottoms, dtype=numpy.float64):
     param = _layer_param(text)
     bot = []
     for a in bottoms:
-        b = Blob(numpy.shape(a), dtype=dtype, xp=numpy)
+        b = Blob(numpy.shape(a), dtype=dtype, xp=XP)
         b.data[...] = a
         bot.append(b)
-    top = [Blob((), dtype=dtype, xp=numpy) for _ in range(max(len(param.top), 1))]
-    lay = create_layer(param, dtype=dtype, xp=numpy)
+    top = [Blob((), dtype=dtype, xp=XP) for _ in range(max(len(param.top), 1))]
+    lay = create_layer(param, dtype=dtype, xp=XP)
     lay.SetUp(bot, top)
     return lay, bot, top
 
@@ -221,7 +222,7 @@ def test_forward_against_naive_reference(kind, variant):
     rng = numpy.random.default_rng(3)
     bottoms = _variant_bottoms(kind, H, T, N, trail, expose, static, cont, rng)
     lay, bot, top = _make(_text(kind, H, expose, static), bottoms)
-    p = [b.data.copy() for b in lay.blobs]
+    p = [host(b.data).copy() for b in lay.blobs]
     xs = bottoms[2] if static else None
     off = 3 if static else 2
     zeros = numpy.zeros((N, H))
@@ -246,7 +247,7 @@ def test_forward_against_naive_reference(kind, variant):
             h0 = finals[0]
             c0 = finals[1] if kind == "LSTM" else None
             bot[1].data[0] = 1  # next pass continues the sequences
-            bottoms[1] = bot[1].data.copy()
+            bottoms[1] = host(bot[1].data).copy()
 
 
 def test_rnn_param_shapes_and_reset():
@@ -255,12 +256,12 @@ def test_rnn_param_shapes_and_reset():
                                                         rng.normal(size=(3, 6))])
     assert [b.shape for b in lay.blobs] == [(4, 5), (4,), (4, 6), (4, 4), (4, 4), (4,)]
     lay.Forward(bot, top)
-    first = top[0].data.copy()
+    first = host(top[0].data).copy()
     lay.Forward(bot, top)
-    assert not numpy.allclose(first, top[0].data)  # the state carried over
+    assert not numpy.allclose(first, host(top[0].data))  # the state carried over
     lay.reset()
     lay.Forward(bot, top)
-    numpy.testing.assert_allclose(first, top[0].data)
+    numpy.testing.assert_allclose(first, host(top[0].data))
 
 
 def test_lstm_param_shapes():
@@ -295,7 +296,7 @@ def _local_gradient_check(text, bottoms, check_bottoms, step=1e-5, threshold=1e-
     snapshot = [b.data.copy() for b in lay.blobs]
     rng = numpy.random.default_rng(11)
     lay.Forward(bot, top)
-    R = rng.normal(size=top[0].shape)
+    R = dev(rng.normal(size=top[0].shape))
 
     def f():
         for b, s in zip(lay.blobs, snapshot):
@@ -313,8 +314,8 @@ def _local_gradient_check(text, bottoms, check_bottoms, step=1e-5, threshold=1e-
         b.diff[...] = 123.0
     propagate = [i != 1 for i in range(len(bot))]
     lay.Backward(top, propagate, bot)
-    targets = [(bot[i].data, bot[i].diff.copy()) for i in check_bottoms]
-    targets += [(s, b.diff.copy()) for s, b in zip(snapshot, lay.blobs)]
+    targets = [(bot[i].data, host(bot[i].diff).copy()) for i in check_bottoms]
+    targets += [(s, host(b.diff).copy()) for s, b in zip(snapshot, lay.blobs)]
     worst = 0.0
     for data, ana in targets:
         flat, a = data.reshape(-1), ana.reshape(-1)
@@ -384,7 +385,7 @@ def test_exposed_final_state_diffs_are_ignored():
         top[1].diff[...] = scale
         top[2].diff[...] = scale
         lay.Backward(top, [True, False, True, True], bot)
-        grads.append([bot[0].diff.copy()] + [b.diff.copy() for b in lay.blobs])
+        grads.append([host(bot[0].diff).copy()] + [host(b.diff).copy() for b in lay.blobs])
     for a, b in zip(*grads):
         numpy.testing.assert_array_equal(a, b)
 
@@ -398,10 +399,10 @@ def test_param_gradients_accumulate():
     for b in lay.blobs:
         b.diff[...] = 0
     lay.Backward(top, [True, False], bot)
-    once = [b.diff.copy() for b in lay.blobs]
+    once = [host(b.diff).copy() for b in lay.blobs]
     lay.Backward(top, [True, False], bot)
     for a, b in zip(once, lay.blobs):
-        numpy.testing.assert_allclose(b.diff, 2 * a)
+        numpy.testing.assert_allclose(host(b.diff), 2 * a)
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from netlib.layer import create_layer
 from netlib.builtin import pooling, vision
 from netlib.proto import caffe_pb2
 from netlib.testing import check_gradient
+from xp_mode import XP, host
 
 RNG = np.random.default_rng(1234)
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -32,7 +33,7 @@ def make(text, phase="TEST", dtype=np.float32):
     if not lp.name:
         lp.name = "under_test"
     ph = caffe_pb2.TRAIN if phase == "TRAIN" else caffe_pb2.TEST
-    return create_layer(lp, phase=ph, dtype=dtype, xp=np)
+    return create_layer(lp, phase=ph, dtype=dtype, xp=XP)
 
 
 def setup(text, xs, ntop=None, phase="TEST", params=None, dtype=np.float32):
@@ -56,8 +57,8 @@ def f32(shape, scale=1.0):
 
 
 def close(got, ref, rtol=1e-5, atol=1e-5):
-    got = np.asarray(got, np.float64)
-    ref = np.asarray(ref, np.float64)
+    got = np.asarray(host(got), np.float64)
+    ref = np.asarray(host(ref), np.float64)
     assert got.shape == ref.shape, (got.shape, ref.shape)
     np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol * max(1.0, float(np.abs(ref).max(initial=0))))
 
@@ -74,8 +75,8 @@ def conv_text(num_output, extra="", type_="Convolution", fill=True):
 # --------------------------------------------------------------------------
 def naive_conv(x, W, b, stride, pad, dil, group):
     """x (N, C, *sp), W (O, C/group, *k): cross-correlation with zero padding."""
-    x = np.asarray(x, np.float64)
-    W = np.asarray(W, np.float64)
+    x = np.asarray(host(x), np.float64)
+    W = np.asarray(host(W), np.float64)
     N, C = x.shape[:2]
     sp = x.shape[2:]
     nd = len(sp)
@@ -94,14 +95,14 @@ def naive_conv(x, W, b, stride, pad, dil, group):
                 ws = W[(slice(g * Og, (g + 1) * Og), slice(None)) + kk]
                 y[(slice(None), slice(g * Og, (g + 1) * Og)) + o] += xs @ ws.T
     if b is not None:
-        y += np.asarray(b, np.float64).reshape((1, O) + (1,) * nd)
+        y += np.asarray(host(b), np.float64).reshape((1, O) + (1,) * nd)
     return y
 
 
 def naive_deconv(x, W, b, stride, pad, dil, group):
     """Transposed convolution by scattering: x (N, C, *sp), W (C, O/group, *k)."""
-    x = np.asarray(x, np.float64)
-    W = np.asarray(W, np.float64)
+    x = np.asarray(host(x), np.float64)
+    W = np.asarray(host(W), np.float64)
     N, C = x.shape[:2]
     sp = x.shape[2:]
     nd = len(sp)
@@ -121,7 +122,7 @@ def naive_deconv(x, W, b, stride, pad, dil, group):
                 ws = W[(slice(g * Cg, (g + 1) * Cg), slice(None)) + kk]
                 y[(slice(None), slice(g * Og, (g + 1) * Og)) + pos] += xs @ ws
     if b is not None:
-        y += np.asarray(b, np.float64).reshape((1, O) + (1,) * nd)
+        y += np.asarray(host(b), np.float64).reshape((1, O) + (1,) * nd)
     return y
 
 
@@ -133,7 +134,7 @@ def naive_pool_size(H, k, p, s, ceil_mode=True):
 def naive_pool(x, method, kh, kw, sh=1, sw=1, ph=0, pw=0, ceil_mode=True, dy=None):
     """Caffe's CPU loops (MAX, AVE) per window, vectorised over (N, C) only.
     Returns (top, mask, bottom_diff or None)."""
-    x = np.asarray(x, np.float64)
+    x = np.asarray(host(x), np.float64)
     N, C, H, W = x.shape
     PH = naive_pool_size(H, kh, ph, sh, ceil_mode)
     PW = naive_pool_size(W, kw, pw, sw, ceil_mode)
@@ -290,7 +291,7 @@ def test_convolution_1d_and_3d_match_naive():
 def test_convolution_without_spatial_axes_is_a_matmul():
     x = f32((3, 4))            # channel axis 1 and no spatial axis: Caffe allows it (a 1x1 convolution)
     lay, _, top = setup(conv_text(6, "group: 2"), [x])
-    W, b = lay.blobs[0].data, lay.blobs[1].data
+    W, b = host(lay.blobs[0].data), host(lay.blobs[1].data)
     assert W.shape == (6, 2)
     ref = np.concatenate([x[:, :2] @ W[:3].T, x[:, 2:] @ W[3:].T], axis=1) + b
     close(top[0].data, ref)
@@ -339,7 +340,7 @@ def test_convolution_cpp_truncation_quirk():
     x = f32((1, 1, 4, 4))
     lay, _, top = setup(conv_text(1, "kernel_size: 5 stride: 2 bias_term: false"), [x])
     assert top[0].shape == (1, 1, 1, 1)
-    W = lay.blobs[0].data[0, 0]
+    W = host(lay.blobs[0].data)[0, 0]
     close(top[0].data.ravel(), [float((x[0, 0] * W[:4, :4]).sum())])
 
 
@@ -398,7 +399,7 @@ def test_conv_backward_accumulates_params_and_respects_propagate_flags(type_):
     for blob in lay.blobs:
         blob.diff[...] = 0
     lay.Backward(top, [True], bottom)
-    dW, db, dx = lay.blobs[0].diff.copy(), lay.blobs[1].diff.copy(), bottom[0].diff.copy()
+    dW, db, dx = host(lay.blobs[0].diff).copy(), host(lay.blobs[1].diff).copy(), host(bottom[0].diff).copy()
     assert np.abs(dW).sum() > 0 and np.abs(db).sum() > 0 and np.abs(dx).sum() > 0
     close(db, top[0].diff.sum(axis=(0, 2, 3)))
     # a second backward: params accumulate, bottom diff is overwritten
@@ -455,8 +456,8 @@ def test_deconvolution_is_the_adjoint_of_convolution():
     y = f32(ctop[0].shape)
     deconv, _, dtop = setup(conv_text(4, text, "Deconvolution"), [y], params=[conv.blobs[0].data])
     assert dtop[0].shape == x.shape
-    lhs = float((ctop[0].data.astype(np.float64) * y).sum())
-    rhs = float((x.astype(np.float64) * dtop[0].data).sum())
+    lhs = float((host(ctop[0].data).astype(np.float64) * y).sum())
+    rhs = float((x.astype(np.float64) * host(dtop[0].data)).sum())
     assert abs(lhs - rhs) <= 1e-4 * max(1.0, abs(lhs))
 
 
@@ -497,7 +498,7 @@ def test_pooling_matches_naive_forward_and_backward(case, phase, engine):
     y, mask, dx = naive_pool(x, method, kh, kw, sh, sw, ph, pw, ceil_mode, dy=dy.astype(np.float64))
     close(top[0].data, y)
     if ntop == 2:
-        np.testing.assert_array_equal(top[1].data, mask)
+        np.testing.assert_array_equal(host(top[1].data), mask)
     top[0].diff[...] = dy
     bottom[0].diff[...] = 99
     lay.Backward(top, [True], bottom)
@@ -550,7 +551,7 @@ def test_max_pooling_ties_first_in_raster_order_and_empty_windows():
     x = np.zeros((1, 1, 4, 4), np.float32)
     lay, bottom, top = setup('type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 }',
                              [x], ntop=2)
-    np.testing.assert_array_equal(top[1].data[0, 0], [[0, 1, 3], [4, 5, 7], [12, 13, 15]])
+    np.testing.assert_array_equal(host(top[1].data[0, 0]), [[0, 1, 3], [4, 5, 7], [12, 13, 15]])
     # stride 3 > kernel 1 and pad 0: the ceil rule makes a third window that starts past the image
     x = f32((1, 2, 5, 5))
     lay, bottom, top = setup('type: "Pooling" pooling_param { pool: MAX kernel_size: 1 stride: 3 }', [x], ntop=2)

@@ -8,6 +8,7 @@ import netlib
 from netlib.net import filter_net, insert_splits
 from netlib.proto import caffe_pb2
 from google.protobuf import text_format
+from xp_mode import XP, host
 
 IP = 'inner_product_param { num_output: %d weight_filler { type: "gaussian" std: 0.1 } }'
 
@@ -123,7 +124,7 @@ def test_param_sharing_by_name_and_learnable_params():
     assert (wb.data == 3.0).all()
     net.blobs["data"].data[...] = 1.0
     out = net.forward()
-    numpy.testing.assert_array_equal(out["a"], out["b"])
+    numpy.testing.assert_array_equal(host(out["a"]), host(out["b"]))
 
 
 def test_param_sharing_shape_mismatch_names_layers():
@@ -177,7 +178,7 @@ def test_force_backward_reaches_inputs_but_not_labels():
     net.blobs["label"].data[...] = [0, 1, 2, 1]
     net.forward()
     diffs = net.backward()
-    assert diffs["data"].shape == (4, 6) and numpy.abs(diffs["data"]).sum() > 0
+    assert diffs["data"].shape == (4, 6) and numpy.abs(host(diffs["data"])).sum() > 0
 
 
 def test_loss_weight_on_a_plain_layer_and_loss_sum():
@@ -210,8 +211,8 @@ def test_forward_backward_from_to_and_pycaffe_kwargs():
     x = numpy.random.default_rng(2).standard_normal((4, 6)).astype(numpy.float32)
     out = net.forward(data=x, end="fc1")
     assert set(out) == {"fc1"}
-    w, b = net.params["fc1"][0].data, net.params["fc1"][1].data
-    numpy.testing.assert_allclose(out["fc1"], x @ w.T + b, rtol=1e-5)
+    w, b = host(net.params["fc1"][0].data), host(net.params["fc1"][1].data)
+    numpy.testing.assert_allclose(host(out["fc1"]), x @ w.T + b, rtol=1e-5)
     full = net.forward(data=x)
     assert set(full) == {"fc2"}
     grads = net.backward(fc2=numpy.ones((4, 2), numpy.float32))
@@ -233,9 +234,9 @@ def test_save_and_copy_from_roundtrip_binary_and_hdf5(tmp_path):
         b = netlib.Net(text, netlib.TEST)
         b.copy_from(str(tmp_path / path))
         for pa, pb in zip(a.params["fc"], b.params["fc"]):
-            numpy.testing.assert_array_equal(pa.data, pb.data)
+            numpy.testing.assert_array_equal(host(pa.data), host(pb.data))
     c = netlib.Net(text, str(tmp_path / "w.caffemodel"), netlib.TEST)
-    numpy.testing.assert_array_equal(c.params["fc"][0].data, a.params["fc"][0].data)
+    numpy.testing.assert_array_equal(host(c.params["fc"][0].data), host(a.params["fc"][0].data))
     import h5py
     with h5py.File(tmp_path / "w.caffemodel.h5", "r") as f:
         assert sorted(f["data"]) == ["fc", "in_data"] and sorted(f["data/fc"]) == ["0", "1"]
@@ -349,7 +350,7 @@ def test_forward_all_and_forward_backward_all_pad_and_strip():
                      'shape { dim: 4 dim: 3 } } } layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" '
                      'inner_product_param { num_output: 2 weight_filler { type: "gaussian" } '
                      'bias_filler { type: "constant" value: 0.5 } } }', netlib.TEST)
-    w, b = net.params["ip"][0].data.copy(), net.params["ip"][1].data.copy()
+    w, b = host(net.params["ip"][0].data).copy(), host(net.params["ip"][1].data).copy()
     x = numpy.random.default_rng(0).normal(size=(10, 3)).astype(numpy.float32)
     out = net.forward_all(x=x)
     assert set(out) == {"y"} and out["y"].shape == (10, 2)

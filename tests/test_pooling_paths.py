@@ -24,6 +24,7 @@ from netlib.blob import Blob
 from netlib.builtin import pooling
 from netlib.layer import create_layer
 from netlib.proto import caffe_pb2
+from xp_mode import ON_DEVICE, XP, host, host_only
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -107,7 +108,7 @@ def params_text(method, kh, kw, sh, sw, ph, pw, ceil_mode, global_pooling=False)
 def run_layer(text, x, phase, ntop, dy_fn, attrs=None):
     lp = text_format.Parse(text, caffe_pb2.LayerParameter())
     lay = create_layer(lp, phase=caffe_pb2.TRAIN if phase == "TRAIN" else caffe_pb2.TEST,
-                       dtype=x.dtype.type, xp=np)
+                       dtype=x.dtype.type, xp=XP)
     for k, v in (attrs or {}).items():
         setattr(lay, k, v)
     b = Blob(x.shape, dtype=x.dtype.type)
@@ -115,13 +116,13 @@ def run_layer(text, x, phase, ntop, dy_fn, attrs=None):
     tops = [Blob((), dtype=x.dtype.type) for _ in range(ntop)]
     lay.SetUp([b], tops)
     lay.Forward([b], tops)
-    y = tops[0].data.copy()
-    mask = tops[1].data.copy() if ntop > 1 else None
+    y = host(tops[0].data).copy()
+    mask = host(tops[1].data).copy() if ntop > 1 else None
     dy = dy_fn(tops[0].shape)
     tops[0].diff[...] = dy
     b.diff[...] = 7                       # backward overwrites, never accumulates
     lay.Backward(tops, [True], [b])
-    return lay, y, mask, dy, b.diff.copy()
+    return lay, y, mask, dy, host(b.diff).copy()
 
 
 def tie_heavy(rng, shape, dtype, specials=True):
@@ -199,12 +200,14 @@ def check(geom, path, dtype, phase, x_fn, dy_fn=None, ntop=None):
         ntop = 2 if method == "MAX" else 1
     text = params_text(method, kh, kw, sh, sw, ph, pw, ceil_mode)
     lay, y, mask, dy, dx = run_layer(text, x, phase, ntop, dy_fn, attrs)
+    # (on a device module neither the compiled kernels nor the channels-last
+    # path may run: both are NumPy-only; the direct path serves every case)
     if want_cl is None:
-        assert lay._argmax_flat == (method == "MAX" and not lay._whole)   # the compiled kernels ran
+        assert lay._argmax_flat == (method == "MAX" and not lay._whole and not ON_DEVICE)  # the kernels ran
     elif want_cl == "rule":
         pass
     elif not lay._whole:
-        assert lay._cl_ok(x.shape) == (want_cl and lay._partial)
+        assert lay._cl_ok(x.shape) == (want_cl and lay._partial and not ON_DEVICE)
     ry, rmask, rdx = caffe_pool(x, method, kh, kw, sh, sw, ph, pw, ceil_mode, dy)
     assert y.dtype == dtype and dx.dtype == dtype
     np.testing.assert_array_equal(y, ry)
@@ -283,7 +286,7 @@ def test_paths_reuse_buffers_across_shapes(path):
     # one layer, bottoms of changing batch and size: plans and scratch buffers follow
     text = params_text("MAX", 3, 3, 2, 2, 0, 0, True)
     lp = text_format.Parse(text, caffe_pb2.LayerParameter())
-    lay = create_layer(lp, phase=caffe_pb2.TRAIN, dtype=np.float32, xp=np)
+    lay = create_layer(lp, phase=caffe_pb2.TRAIN, dtype=np.float32, xp=XP)
     rng = np.random.default_rng(5)
     b, t = Blob((1, 1, 4, 4)), [Blob(()), Blob(())]
     lay.SetUp([b], t)
@@ -297,9 +300,9 @@ def test_paths_reuse_buffers_across_shapes(path):
         t[0].diff[...] = dy
         lay.Backward(t, [True], [b])
         ry, rmask, rdx = caffe_pool(x, "MAX", 3, 3, 2, 2, 0, 0, True, dy)
-        np.testing.assert_array_equal(t[0].data, ry)
-        np.testing.assert_array_equal(t[1].data, rmask)
-        np.testing.assert_array_equal(b.diff, rdx)
+        np.testing.assert_array_equal(host(t[0].data), ry)
+        np.testing.assert_array_equal(host(t[1].data), rmask)
+        np.testing.assert_array_equal(host(b.diff), rdx)
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -314,11 +317,12 @@ def test_empty_batch(geom, path):
         assert y.shape[0] == 0 and dx.shape == x.shape
 
 
+@host_only("the channels-last path is a NumPy-only path; a device module takes the direct path")
 def test_channels_last_only_where_it_pays():
     def layer(params, shape):
         lp = text_format.Parse('name: "p" type: "Pooling" pooling_param { %s }' % params,
                                caffe_pb2.LayerParameter())
-        lay = create_layer(lp, phase=caffe_pb2.TRAIN, dtype=np.float32, xp=np)
+        lay = create_layer(lp, phase=caffe_pb2.TRAIN, dtype=np.float32, xp=XP)
         b, t = Blob(shape), [Blob(())]
         lay.SetUp([b], t)
         return lay._cl_ok(shape)
@@ -351,7 +355,7 @@ def test_non_contiguous_arrays(geom, path):
                                           lambda s: rng.standard_normal(s).astype(np.float32))
 
     def strided(a):
-        big = np.full(a.shape[:-1] + (2 * a.shape[-1],), 5.0, np.float32)
+        big = XP.full(a.shape[:-1] + (2 * a.shape[-1],), 5.0, np.float32)
         v = big[..., ::2]
         v[...] = a
         return v
@@ -359,9 +363,9 @@ def test_non_contiguous_arrays(geom, path):
     top = _Arrays(strided(np.zeros_like(y_ref)), strided(dy))
     assert not bottom.data.flags.c_contiguous and not top.data.flags.c_contiguous
     lay.forward([bottom], [top])
-    np.testing.assert_array_equal(top.data, y_ref)
+    np.testing.assert_array_equal(host(top.data), y_ref)
     lay.backward([top], [True], [bottom])
-    np.testing.assert_array_equal(bottom.diff, dx_ref)
+    np.testing.assert_array_equal(host(bottom.diff), dx_ref)
 
 
 @pytest.mark.parametrize("path", ["numba"])
@@ -374,7 +378,7 @@ def test_engine_switch_between_forward_and_backward(method, path):
     text = params_text(method, 3, 3, 2, 2, 0, 0, True)
     for first, second in ((True, False), (False, True)):
         lp = text_format.Parse(text, caffe_pb2.LayerParameter())
-        lay = create_layer(lp, phase=caffe_pb2.TRAIN, dtype=np.float32, xp=np)
+        lay = create_layer(lp, phase=caffe_pb2.TRAIN, dtype=np.float32, xp=XP)
         b, t = Blob(x.shape), [Blob(())]
         b.data[...] = x
         lay.SetUp([b], t)
@@ -385,8 +389,8 @@ def test_engine_switch_between_forward_and_backward(method, path):
         accel.set_enabled(second)
         lay.Backward(t, [True], [b])
         ry, _, rdx = caffe_pool(x, method, 3, 3, 2, 2, 0, 0, True, dy)
-        np.testing.assert_array_equal(t[0].data, ry)
-        np.testing.assert_array_equal(b.diff, rdx)
+        np.testing.assert_array_equal(host(t[0].data), ry)
+        np.testing.assert_array_equal(host(b.diff), rdx)
 
 
 def test_accelerator_switch_and_status(monkeypatch):
