@@ -524,6 +524,21 @@ def test_read_idx_corrupt_gzip_and_huge_header(tmp_path, capsys):
     (tmp_path / "huge").write_bytes(b"\0\0\x08\x01\xff\xff\xff\xff" + b"\0" * 4)
     with pytest.raises(netlib.NetlibError, match="more than the limit"):
         mnist.read_idx(str(tmp_path / "huge"))
+    # a header that declares 2^30 values (under the limit) in a 20-byte file, plain and gzipped:
+    # refused without allocating them (found by the 10,000-case fuzz run: it allocated 1 GiB first)
+    import tracemalloc
+    small = b"\0\0\x08\x01\x40\0\0\0" + bytes(12)
+    (tmp_path / "claims").write_bytes(small)
+    (tmp_path / "claims.gz").write_bytes(gzip.compress(small))
+    for name in ("claims", "claims.gz"):
+        tracemalloc.start()
+        try:
+            with pytest.raises(netlib.NetlibError, match="truncated"):
+                mnist.read_idx(str(tmp_path / name))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 50 << 20, (name, peak)
     # through the CLI: one line, exit code 1
     folder = tmp_path / "mnist"
     folder.mkdir()

@@ -101,7 +101,16 @@ def read_idx(path):
             if count > limit:
                 raise ParseError("IDX header declares shape %s (%d values), more than the limit of %d"
                                  % (dims, count, limit), path)
-            raw = handle.read(count * dtype.itemsize + 1)
+            need = count * dtype.itemsize
+            if not gzipped and os.path.getsize(path) != 4 + 4 * ndim + need:
+                raise ParseError("IDX file holds %d bytes, its header %s needs %d (truncated?)"
+                                 % (os.path.getsize(path), dims, 4 + 4 * ndim + need), path)
+            raw = bytearray()
+            while len(raw) <= need:          # in chunks: memory grows with the data really there
+                chunk = handle.read(min(1 << 24, need + 1 - len(raw)))
+                if not chunk:
+                    break
+                raw += chunk
     except (OSError, EOFError, zlib.error) as exc:
         raise ParseError("cannot read (truncated or corrupt gzip?): %s" % exc, path) from None
     if len(raw) != count * dtype.itemsize:
