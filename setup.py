@@ -8,6 +8,7 @@ DATA = ["lmdb>=1.4", "plyvel>=1.5", "Pillow>=9"]
 PLOT = ["matplotlib>=3.5"]
 DRAW = ["pydot>=1.4"]
 ACCEL = ["numba>=0.59"]
+ONNX = ["onnx>=1.14", "onnxruntime>=1.16"]
 MPI = ["mpi4py>=3.1", "mpich>=4.1; sys_platform == 'linux'"]
 
 setup(
@@ -33,7 +34,9 @@ setup(
         "accel": ACCEL,
         # The test suite: every optional feature, and OpenCV as the independent
         # reference for netlib's own image decoding and resizing.
-        "test": ["pytest>=7", "grpcio-tools>=1.85", "opencv-python-headless>=4.8", "hypothesis>=6.100"] + DATA + PLOT + DRAW + ACCEL + MPI,
+        "test": ["pytest>=7", "grpcio-tools>=1.85", "opencv-python-headless>=4.8", "hypothesis>=6.100"] + DATA + PLOT + DRAW + ACCEL + MPI + ONNX,
+        # ONNX export of deploy nets (netlib export-onnx, Net.to_onnx); onnxruntime runs the result.
+        "onnx": ONNX,
         "gpu": ["cupy-cuda12x"],
         # Data-parallel training under mpirun (netlib.parallel): MPI from wheels, no compiler.
         "mpi": MPI,

@@ -981,6 +981,13 @@ class Net:
         """Write a binary .caffemodel (atomically)."""
         write_binary_proto(path, self.to_proto(write_diff))
 
+    def to_onnx(self, path, opset=13):
+        """Write the net (its current shapes and weights) as an ONNX model;
+        returns the ``onnx.ModelProto``.  Needs ``pip install onnx``; see
+        :func:`netlib.onnx_export.export_onnx`."""
+        from .onnx_export import export_onnx
+        return export_onnx(self, path, opset=opset)
+
     def save_hdf5(self, path, write_diff=False):
         """Write Caffe's HDF5 weights: /data/<layer>/<i> (and /diff/...) for
         every layer; parameters shared from another layer are not written."""

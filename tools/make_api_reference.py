@@ -30,7 +30,7 @@ SECTIONS = [
         "__init__", "blobs", "params", "layers", "layer_dict", "_layer_names", "_blob_names", "inputs", "outputs",
         "top_names", "bottom_names", "blob_loss_weights", "forward", "backward", "forward_all",
         "forward_backward_all", "_forward", "_backward", "reshape", "set_input_arrays", "copy_from", "share_with",
-        "save", "save_hdf5", "load_hdf5", "clear_param_diffs", "before_forward", "after_forward",
+        "save", "save_hdf5", "to_onnx", "load_hdf5", "clear_param_diffs", "before_forward", "after_forward",
         "before_backward", "after_backward", "close", "reuse_memory", "memory_estimate", "memory_usage"]),
     ("`Blob`", "netlib.Blob", [
         "data", "diff", "shape", "reshape", "count", "count_axes", "num", "channels", "height", "width"]),

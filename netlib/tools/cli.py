@@ -9,6 +9,7 @@ Commands::
     netlib device_query
     netlib data mnist [--from DIR] [--out DIR]      # IDX files -> HDF5 for LeNet
     netlib data digits [--out DIR]                  # the bundled 8x8 digits -> HDF5
+    netlib export-onnx MODEL WEIGHTS OUT.onnx [--opset 13]   # a deploy net -> ONNX
 
 Flags are gflags-style: ``--flag=value``, ``--flag value`` and ``-flag value``
 all work, anywhere on the line.  ``--log FILE`` copies the log to FILE.
@@ -34,7 +35,7 @@ import time
 
 log = logging.getLogger("netlib")
 
-COMMANDS = ("train", "test", "time", "device_query", "data")
+COMMANDS = ("train", "test", "time", "device_query", "data", "export-onnx")
 
 #: Caffe's other binaries and tools/extra scripts: ``netlib NAME ARGS`` runs
 #: ``main(ARGS)`` of the module, which parses its own (gflags-style) flags.
@@ -56,6 +57,8 @@ commands:
   device_query    show CPU/NumPy and GPU (CuPy) information
   data            prepare data sets: 'data mnist [--from DIR] [--out DIR] [--backend lmdb|leveldb|hdf5]',
                   'data cifar10 --from DIR [--out DIR] [--backend lmdb|leveldb]', 'data digits [--out DIR]'
+  export-onnx MODEL WEIGHTS OUT.onnx [--opset 13]  write a deploy net with its weights as ONNX
+                  (needs pip install onnx; WEIGHTS may be '-' for the net's fillers)
   convert_imageset [FLAGS] ROOTFOLDER/ LISTFILE DB_NAME    images -> LMDB/LevelDB of Datums
   compute_image_mean [--backend lmdb|leveldb] DB [MEAN.binaryproto]
   extract_features WEIGHTS MODEL BLOB1,BLOB2 DB1,DB2 NUM_BATCHES [lmdb|leveldb|hdf5]
@@ -82,6 +85,7 @@ flags (--flag=value, --flag value or -flag value):
   --log           also write the log to this file
   --forbid_python_layers  refuse nets with Python layers (type "Python") before importing any module
   --from, --out   folders for 'netlib data'
+  --opset         export-onnx: the ONNX opset to write (13 to 17; default 13)
 """
 
 
@@ -116,6 +120,7 @@ def _build_parser():
     p.add_argument("--out", default=None)
     p.add_argument("--backend", default=None)
     p.add_argument("--forbid_python_layers", action="store_true")
+    p.add_argument("--opset", type=_int32("--opset"), default=13)
     return p
 
 
@@ -653,8 +658,21 @@ def _g(value):
     return "%g" % float(value)
 
 
+def cmd_export_onnx(args):
+    """``export-onnx MODEL WEIGHTS OUT.onnx``: the TEST-phase net, its weights, as ONNX."""
+    if len(args.rest) != 3:
+        raise UsageError("export-onnx needs MODEL WEIGHTS OUT.onnx (WEIGHTS may be '-' for none)")
+    model, weights, out = args.rest
+    from ..net import Net
+    from ..onnx_export import export_onnx
+    net = Net(model, "TEST", weights=None if weights == "-" else weights)
+    export_onnx(net, out, opset=args.opset)
+    log.info("Wrote %s (inputs %s, outputs %s)", out, ", ".join(net.inputs), ", ".join(net.outputs))
+    return 0
+
+
 _HANDLERS = {"train": cmd_train, "test": cmd_test, "time": cmd_time,
-             "device_query": cmd_device_query, "data": cmd_data}
+             "device_query": cmd_device_query, "data": cmd_data, "export-onnx": cmd_export_onnx}
 
 
 def _one_line(text):
@@ -703,7 +721,7 @@ def _main(argv=None):
         if args.command not in _HANDLERS:
             raise UsageError("unknown command %r; one of %s (netlib --help)"
                              % (args.command, ", ".join(COMMANDS + tuple(TOOLS))))
-        if args.rest and args.command != "data":
+        if args.rest and args.command not in ("data", "export-onnx"):
             raise UsageError("unexpected arguments: %s" % " ".join(args.rest))
         from ..python_layer import python_layers_allowed, set_python_layers_allowed
         allowed = python_layers_allowed()
