@@ -301,3 +301,44 @@ def test_cli_export_onnx_python_layer_is_one_error_line(tmp_path, capsys, monkey
     assert err == ["netlib: error: layer 'mine' (type Python): cannot export to ONNX: "
                    "a Python layer runs arbitrary Python code and has no ONNX form"]
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_ave_pooling_divisor_correction_is_in_the_graph():
+    """6x6, 3x3/2: the last window runs past the image (ceil rule), Caffe
+    divides it by 6, not 9; the graph carries that correction."""
+    net = net_of(L("Pooling", "pooling_param { pool: AVE kernel_size: 3 stride: 2 }"), shape=(1, 1, 6, 6))
+    ops = [n.op_type for n in export_onnx(net).graph.node]
+    assert ops[:2] == ["AveragePool", "Mul"]
+    compare(net)
+
+
+def test_legacy_input_fields():
+    net = Net('name: "legacy"\ninput: "data"\ninput_dim: 2\ninput_dim: 3\ninput_dim: 5\ninput_dim: 5\n'
+              + L("Convolution", CONV % "pad: 1") + L("ReLU", "", bottom="out", top="out", name="r"), "TEST")
+    randomize(net)
+    compare(net)
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_opsets(opset):
+    net = net_of(L("Reduction", "reduction_param { operation: SUMSQ axis: 1 }", top="a", name="r")
+                 + L("MVN", "", top="b", name="m") + L("Normalize", "", bottom="b", name="n"))
+    compare(net, opset=opset)
+
+
+def test_opset_out_of_range():
+    with pytest.raises(ConfigError, match="opsets 13 to 17"):
+        export_onnx(net_of(L("ReLU")), opset=11)
+
+
+@pytest.mark.parametrize("body,fragment", [
+    (L("Pooling", "pooling_param { pool: STOCHASTIC kernel_size: 2 stride: 2 }", name="sp"),
+     r"layer 'sp' \(type Pooling\).*STOCHASTIC"),
+    (L("BatchNorm", "batch_norm_param { use_global_stats: false }", name="bn"),
+     r"layer 'bn' \(type BatchNorm\).*use_global_stats"),
+    (L("Pooling", "pooling_param { pool: MAX kernel_size: 2 stride: 2 }", top="out,mask", name="pm"),
+     r"layer 'pm' \(type Pooling\).*mask"),
+])
+def test_layer_options_without_an_onnx_form(body, fragment):
+    with pytest.raises(OnnxExportError, match=fragment):
+        export_onnx(net_of(body))
