@@ -211,6 +211,16 @@ class Layer:
     def backward(self, top, propagate_down, bottom):
         """Default: a layer with nothing to propagate (data layers, Silence...)."""
 
+    def jvp(self, bottom, top, tangents, param_tangents):
+        """Forward-mode rule: the tops' tangents (arrays) from the bottoms'
+        ``tangents`` (one array per bottom) and ``param_tangents`` (None, or
+        one array or None per ``self.blobs``), called after ``forward`` on the
+        same blobs; never writes the blobs.  Built-in rules use the helpers
+        of :mod:`netlib.forward_mode`; check a new one with
+        :func:`netlib.testing.check_jvp`.  Default: no rule (JVPError)."""
+        from .forward_mode import JVPError
+        self.fail("has no forward-mode (jvp) rule", error=JVPError)
+
     def allow_force_backward(self, bottom_index):
         """Whether force_backward may turn on backward to this bottom."""
         return True

@@ -687,6 +687,15 @@ class Net:
         self._forward_range(start_ind, end_ind, blobs)
         return {name: self.blobs[name].data for name in outputs}
 
+    def jvp(self, tangents=None):
+        """Forward-mode derivatives: ``tangents`` maps blob names or
+        ``(layer name, param index)`` to tangent arrays (the rest are zero);
+        runs one forward pass and returns ``{blob name: tangent}`` for every
+        blob (see :mod:`netlib.forward_mode`).  Wrong shapes or unknown
+        names raise ``netlib.forward_mode.JVPError``."""
+        from .forward_mode import run_jvp
+        return run_jvp(self, tangents)
+
     def backward(self, diffs=None, start=None, end=None, **kwargs):
         """pycaffe's backward: ``kwargs`` are output diffs; returns input diffs."""
         diffs = list(diffs or [])

@@ -210,3 +210,97 @@ def check_gradient(layer, bottom_shapes=None, bottoms=None, params=None, phase="
                                                               result.checked, result.worst_error,
                                                               result.worst_where, "\n  ".join(lines)))
     return result
+
+
+def check_jvp(layer, bottom_shapes=None, bottoms=None, params=None, phase="TRAIN", step=1e-4,
+              threshold=1e-4, check_bottoms=None, check_params=True, num_tops=None, seed=1701,
+              raise_on_failure=True):
+    """Check ``layer``'s forward-mode rule (``Layer.jvp``) against centred
+    differences of its forward, in float64.
+
+    Arguments as :func:`check_gradient`.  One random N(0, 1) tangent is drawn
+    for every checked bottom (default: those the layer allows backward to)
+    and, with ``check_params``, every parameter blob; the tops' tangents from
+    ``jvp`` are compared, element by element, with
+    ``(f(x + h t) - f(x - h t)) / 2h``.  An element passes when
+    ``|jvp - numeric| <= threshold * max(|jvp|, |numeric|, 1)``; an element
+    whose one-sided differences disagree (a kink: ReLU at 0, a max switch) is
+    skipped.  Returns a GradientCheckResult (``where`` names ``top[i](...)``).
+    """
+    from .layer import create_layer
+    from .proto import caffe_pb2
+    from .random import set_random_seed
+
+    param = caffe_pb2.LayerParameter()
+    param.CopyFrom(_layer_param(layer))
+    phase_value = caffe_pb2.TRAIN if str(phase).upper() in ("TRAIN", "0") else caffe_pb2.TEST
+    rng = numpy.random.default_rng(seed)
+    if bottoms is None:
+        bottoms = [rng.standard_normal(tuple(s)) for s in (bottom_shapes or [])]
+    xp = backend.default_xp()
+    bottom_arrays = [numpy.array(backend.to_numpy(b), dtype=numpy.float64) for b in bottoms]
+    bottom = []
+    for arr in bottom_arrays:
+        blob = Blob(arr.shape, dtype=numpy.float64, xp=xp)
+        blob.data[...] = arr
+        bottom.append(blob)
+    n_top = num_tops if num_tops is not None else max(len(param.top), 1)
+    top = [Blob((), dtype=numpy.float64, xp=xp) for _ in range(n_top)]
+    set_random_seed(seed)
+    lay = create_layer(param, phase=phase_value, dtype=numpy.float64, xp=xp)
+    lay.SetUp(bottom, top)
+    if params is not None:
+        for blob, arr in zip(lay.blobs, params):
+            blob.data[...] = numpy.asarray(backend.to_numpy(arr), dtype=numpy.float64)
+    param_values = [backend.to_numpy(b.data).copy() for b in lay.blobs]
+    if check_bottoms is None:
+        check_bottoms = [i for i in range(len(bottom)) if lay.allow_force_backward(i)]
+    tangents = [rng.standard_normal(a.shape) if i in check_bottoms else numpy.zeros(a.shape)
+                for i, a in enumerate(bottom_arrays)]
+    ptangents = [rng.standard_normal(v.shape) if check_params and lay.param_propagate_down[k] else None
+                 for k, v in enumerate(param_values)]
+
+    def run(eps):
+        for blob, v, t in zip(lay.blobs, param_values, ptangents):
+            blob.data[...] = xp.asarray(v + eps * t if t is not None else v)
+        for blob, a, t in zip(bottom, bottom_arrays, tangents):
+            blob.data[...] = xp.asarray(a + eps * t)
+        set_random_seed(seed + 1)
+        lay.Forward(bottom, top)
+        return [backend.to_numpy(t.data).astype(numpy.float64).copy() for t in top]
+
+    f0 = run(0.0)
+    jvp = lay.jvp(bottom, top, [xp.asarray(t) for t in tangents],
+                  [xp.asarray(t) if t is not None else None for t in ptangents]
+                  if any(t is not None for t in ptangents) else None)
+    jvp = [backend.to_numpy(j) for j in jvp]
+    fp, fm = run(step), run(-step)
+    run(0.0)
+    result = GradientCheckResult()
+    for i in range(n_top):
+        if tuple(numpy.shape(jvp[i])) != tuple(f0[i].shape):
+            raise GradientCheckError("jvp of %s returned shape %s for top %d, the top has %s"
+                                     % (param.type, numpy.shape(jvp[i]), i, f0[i].shape))
+        if jvp[i].dtype != numpy.float64:
+            raise GradientCheckError("jvp of %s returned dtype %s for top %d, not the blob dtype float64"
+                                     % (param.type, jvp[i].dtype, i))
+        num = (fp[i] - fm[i]) / (2 * step)
+        right, left = (fp[i] - f0[i]) / step, (f0[i] - fm[i]) / step
+        kinked = numpy.abs(right - left) > 1e-2 * numpy.maximum(numpy.maximum(abs(right), abs(left)), 1.0)
+        scale = numpy.maximum(numpy.maximum(abs(jvp[i]), abs(num)), 1.0)
+        err = numpy.where(kinked, 0.0, abs(jvp[i] - num) / scale)
+        result.skipped += int(kinked.sum())
+        result.checked += int(err.size - kinked.sum())
+        if err.size:
+            k = int(err.argmax())
+            if err.flat[k] > result.worst_error:
+                result.worst_error = float(err.flat[k])
+                result.worst_where = "top[%d]%s" % (i, tuple(int(v) for v in numpy.unravel_index(k, err.shape)) if err.ndim else "")
+            for k in numpy.flatnonzero(err > threshold)[:20]:
+                result.failures.append(("top[%d]%s" % (i, tuple(int(v) for v in numpy.unravel_index(k, err.shape)) if err.ndim else ""),
+                                        float(jvp[i].flat[k]), float(num.flat[k])))
+    if raise_on_failure and result.failures:
+        lines = ["%s: jvp %.6g vs numeric %.6g" % f for f in result.failures[:10]]
+        raise GradientCheckError("jvp check failed for %s; worst relative error %.3g at %s:\n  %s"
+                                 % (param.type, result.worst_error, result.worst_where, "\n  ".join(lines)))
+    return result

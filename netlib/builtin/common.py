@@ -27,6 +27,7 @@ import os
 import numpy
 
 from .. import accel
+from .. import forward_mode
 from ..errors import ConfigError, ShapeError
 from ..fillers import fill, filler_param
 from ..layer import Layer, register_layer
@@ -231,6 +232,7 @@ class InnerProductLayer(Layer):
         if self.bias_term:
             y += self.blobs[1].data
 
+    jvp = forward_mode.weighted_jvp  # d(W*x + b) = W*dx + dW*x + db (InnerProduct, Convolution, Deconvolution).
     def backward(self, top, propagate_down, bottom):
         xp = bottom[0].xp
         dy = top[0].diff.reshape(self.M, self.N)
@@ -281,6 +283,7 @@ class SoftmaxLayer(Layer):
         xp.exp(y, out=y)
         y /= y.sum(axis=1, keepdims=True)
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -342,6 +345,7 @@ class ReductionLayer(Layer):
         if self.coeff != 1:
             y *= self.coeff
 
+    jvp = forward_mode.reduction_jvp  # SUM/MEAN linear; ASUM: c*sum(sign(x) dx); SUMSQ: c*sum(2 x dx).
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -438,6 +442,7 @@ class ArgMaxLayer(Layer):
             else:
                 top[0].data.reshape(n, k)[...] = idx[:, :, 0]
 
+    jvp = forward_mode.zero_jvp  # d top = 0 (data layers, piecewise constant outputs).
     def backward(self, top, propagate_down, bottom):
         _no_backward_to(self, propagate_down, bottom, range(len(bottom)),
                         "ArgMax has no backward")
@@ -493,6 +498,7 @@ class CropLayer(Layer):
     def forward(self, bottom, top):
         top[0].data[...] = bottom[0].data[self.slices]
 
+    jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             dx = bottom[0].diff
@@ -549,6 +555,7 @@ class BatchReindexLayer(Layer):
         xp = bottom[0].xp
         xp.take(bottom[0].data, idx, axis=0, out=top[0].data)
 
+    jvp = forward_mode.first_bottom_linear_jvp  # d top = d bottom 0 reindexed (the indices have no tangent).
     def backward(self, top, propagate_down, bottom):
         _no_backward_to(self, propagate_down, bottom, [1], "cannot backprop to index")
         if not propagate_down[0]:
@@ -718,6 +725,7 @@ class BiasLayer(Layer):
         b = self._bias(bottom).data.reshape(1, dim, 1)
         xp.add(bottom[0].data.reshape(self.dims), b, out=top[0].data.reshape(self.dims))
 
+    jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0] and bottom[0] is not top[0]:
             bottom[0].diff[...] = top[0].diff
@@ -846,6 +854,7 @@ class ScaleLayer(Layer):
         ppd = self.param_propagate_down
         return not ppd or bool(ppd[0])
 
+    jvp = forward_mode.scale_jvp  # d(x*s + b) = dx*s + x*ds + db (s a bottom or a parameter).
     def backward(self, top, propagate_down, bottom):
         learned = len(bottom) == 1
         scale = self._scale(bottom)
@@ -964,6 +973,7 @@ class ParameterLayer(Layer):
         top[0].share_data(blob)
         top[0].share_diff(blob)
 
+    jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
     def backward(self, top, propagate_down, bottom):
         pass
 
@@ -1029,6 +1039,7 @@ class EmbedLayer(Layer):
         if self.bias_term:
             y += self.blobs[1].data
 
+    jvp = forward_mode.embed_jvp  # d(W[i] + b) = dW[i] + db (the indices have no tangent).
     def backward(self, top, propagate_down, bottom):
         _no_backward_to(self, propagate_down, bottom, [0], "can't backpropagate to EmbedLayer input")
         dy = top[0].diff.reshape(self.M, self.N)

@@ -15,6 +15,7 @@ import os
 import numpy
 
 from ..errors import ConfigError, LayerError, NetlibFileNotFoundError, ShapeError, WeightsError
+from .. import forward_mode
 from ..fillers import fill
 from ..layer import Layer, register_layer
 from ..random import get_rng
@@ -26,6 +27,8 @@ class _DataLayer(Layer):
     """Common base: no bottoms, nothing to propagate."""
 
     exact_num_bottom_blobs = 0
+
+    jvp = forward_mode.zero_jvp  # d top = 0 (data layers)
 
     def reshape(self, bottom, top):
         """Data layers shape their tops in setup/forward; nothing to do here."""

@@ -21,6 +21,7 @@ Caffe only DCHECKs label ranges; netlib raises LayerError for a label outside
 import numpy
 
 from ..blob import Blob
+from .. import forward_mode
 from ..errors import ConfigError, ShapeError
 from ..files import read_blobproto
 from ..layer import Layer, register_layer
@@ -224,6 +225,7 @@ class SoftmaxWithLossLayer(LossLayer):
         logp = xp.log(xp.maximum(prob[o, safe, i], self.dtype.type(FLT_MIN)))
         self._write_loss(top, logp, valid)
 
+    jvp = forward_mode.scalar_jvp  # d loss = sum_i <d loss / d bottom_i, d bottom_i>.
     def backward(self, top, propagate_down, bottom):
         self._refuse_label_backward(propagate_down, bottom)
         if not propagate_down[0]:
@@ -276,6 +278,7 @@ class EuclideanLossLayer(LossLayer):
         dot = f(float(xp.dot(d, d)))
         top[0].data[...] = dot / f(bottom[0].shape[0]) / f(2)
 
+    jvp = forward_mode.scalar_jvp  # d loss = sum_i <d loss / d bottom_i, d bottom_i>.
     def backward(self, top, propagate_down, bottom):
         n = self.dtype.type(bottom[0].shape[0])
         for i, sign in ((0, 1), (1, -1)):
@@ -345,6 +348,7 @@ class AccuracyLayer(Layer, _LabelMixin):
             seen = nums > 0
             per_class[seen] = good[seen].astype(self.dtype) / nums[seen].astype(self.dtype)
 
+    jvp = forward_mode.zero_jvp  # d top = 0 (data layers, piecewise constant outputs).
     def backward(self, top, propagate_down, bottom):
         if any(propagate_down):
             self.fail("Accuracy has no backward", bottom=bottom)
@@ -405,6 +409,7 @@ class SigmoidCrossEntropyLossLayer(LossLayer):
         self._norm = _normalizer(self.normalization, self.outer, self.inner, count)
         top[0].data[...] = self.dtype.type(loss) / self.dtype.type(self._norm)
 
+    jvp = forward_mode.scalar_jvp  # d loss = sum_i <d loss / d bottom_i, d bottom_i>.
     def backward(self, top, propagate_down, bottom):
         self._refuse_label_backward(propagate_down, bottom)
         if not propagate_down[0]:
@@ -466,6 +471,7 @@ class HingeLossLayer(LossLayer):
             total = f(float(flat.sum()))
         top[0].data[...] = total / f(n)
 
+    jvp = forward_mode.scalar_jvp  # d loss = sum_i <d loss / d bottom_i, d bottom_i>.
     def backward(self, top, propagate_down, bottom):
         self._refuse_label_backward(propagate_down, bottom)
         if not propagate_down[0]:
@@ -518,6 +524,7 @@ class MultinomialLogisticLossLayer(LossLayer):
         loss = -float(xp.log(prob).sum(dtype=numpy.float64))
         top[0].data[...] = f(loss) / f(bottom[0].shape[0])
 
+    jvp = forward_mode.scalar_jvp  # d loss = sum_i <d loss / d bottom_i, d bottom_i>.
     def backward(self, top, propagate_down, bottom):
         self._refuse_label_backward(propagate_down, bottom)
         if not propagate_down[0]:
@@ -587,6 +594,7 @@ class ContrastiveLossLayer(LossLayer):
         loss = f(float(per_pair.sum(dtype=numpy.float64)))
         top[0].data[...] = loss / f(n) / f(2)
 
+    jvp = forward_mode.scalar_jvp  # d loss = sum_i <d loss / d bottom_i, d bottom_i>.
     def backward(self, top, propagate_down, bottom):
         if len(propagate_down) > 2 and propagate_down[2]:
             self.fail("cannot backpropagate to the similarity input (bottom 2)", bottom=bottom)
@@ -680,6 +688,7 @@ class InfogainLossLayer(LossLayer):
         terms = (rows.transpose(0, 2, 1) * logp).sum(axis=1)  # (outer, inner)
         self._write_loss(top, terms, valid)
 
+    jvp = forward_mode.scalar_jvp  # d loss = sum_i <d loss / d bottom_i, d bottom_i>.
     def backward(self, top, propagate_down, bottom):
         self._refuse_label_backward(propagate_down, bottom, indices=(1, 2))
         if not propagate_down[0]:

@@ -28,6 +28,7 @@ import threading
 import numpy
 
 from .. import accel
+from .. import forward_mode
 from ..errors import ConfigError, ShapeError
 from ..fillers import fill, filler_param
 from ..layer import Layer, register_layer
@@ -160,6 +161,7 @@ class ReLULayer(NeuronLayer):
             xp.maximum(x, 0, out=y)
             y += t
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -204,6 +206,7 @@ class SigmoidLayer(NeuronLayer):
         y *= self._scalar(0.5)
         y += self._scalar(0.5)
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             xp = bottom[0].xp
@@ -221,6 +224,7 @@ class TanHLayer(NeuronLayer):
     def forward(self, bottom, top):
         bottom[0].xp.tanh(bottom[0].data, out=top[0].data)
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             xp = bottom[0].xp
@@ -271,6 +275,7 @@ class DropoutLayer(NeuronLayer):
         mask *= self._scalar(self.scale)
         xp.multiply(x, mask, out=y)
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -299,6 +304,7 @@ class AbsValLayer(NeuronLayer):
     def forward(self, bottom, top):
         bottom[0].xp.abs(bottom[0].data, out=top[0].data)
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             xp = bottom[0].xp
@@ -323,6 +329,7 @@ class BNLLLayer(NeuronLayer):
         soft = xp.log1p(xp.exp(-xp.abs(x)))
         top[0].data[...] = xp.maximum(x, 0) + soft
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             xp = bottom[0].xp
@@ -354,6 +361,7 @@ class ELULayer(NeuronLayer):
         xp.maximum(x, 0, out=y)
         y += neg
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             xp = bottom[0].xp
@@ -405,6 +413,7 @@ class ExpLayer(NeuronLayer):
         if self.outer_scale != 1:
             y *= self._scalar(self.outer_scale)
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             dx = bottom[0].diff
@@ -447,6 +456,7 @@ class LogLayer(NeuronLayer):
         if self.base_scale != 1:
             y *= self._scalar(self.base_scale)
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             z = self._affine(self._bottom_data(bottom, top))
@@ -494,6 +504,7 @@ class PowerLayer(NeuronLayer):
             with numpy.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 xp.power(y, self._scalar(self.power), out=y)
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -542,6 +553,7 @@ class ThresholdLayer(NeuronLayer):
     def allow_force_backward(self, bottom_index):
         return False
 
+    jvp = forward_mode.zero_jvp  # d top = 0 (data layers, piecewise constant outputs).
     def backward(self, top, propagate_down, bottom):
         if any(propagate_down):
             self.fail("Threshold has no backward (it is a step function)", bottom=bottom)
@@ -570,6 +582,7 @@ class ClipLayer(NeuronLayer):
         xp.minimum(bottom[0].data, self._scalar(self.max), out=y)
         xp.maximum(y, self._scalar(self.min), out=y)
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             x = self._bottom_data(bottom, top)
@@ -603,6 +616,7 @@ class SwishLayer(NeuronLayer):
         s += self._scalar(0.5)
         xp.multiply(x, s, out=top[0].data)
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             by = top[0].data * self._scalar(self.beta)

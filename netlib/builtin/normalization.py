@@ -76,6 +76,7 @@ Im2col (``convolution_param``: kernel/stride/pad/dilation, axis)
 import numpy
 
 from .. import accel
+from .. import forward_mode
 from ..errors import ConfigError, ShapeError
 from ..im2col import col2im, geometry, im2col
 from ..layer import Layer, register_layer
@@ -386,6 +387,7 @@ class BatchNormLayer(Layer):
         corr = dt(m) / dt(m - 1) if m > 1 else dt(1)
         var_sum[...] = corr * var.reshape(var_sum.shape) + maf * var_sum
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -487,6 +489,7 @@ class MVNLayer(Layer):
             else:
                 self._y_copy = None
 
+    jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -682,6 +685,7 @@ class Im2colLayer(Layer):
         im2col(x, self.kernel, self.pad, self.stride, self.dilation, out_shape=self.out_shape,
                out=col)
 
+    jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return

@@ -64,6 +64,7 @@ Pooling (``pooling_param``)
 import numpy
 
 from .. import accel
+from .. import forward_mode
 from ..errors import ConfigError, ShapeError
 from ..im2col import axis_ranges, pool_clip_last, pool_out_size
 from ..layer import Layer, register_layer
@@ -692,6 +693,7 @@ class PoolingLayer(Layer):
             xp.divide(squares, total, out=y)
 
     # -- backward -----------------------------------------------------------------
+    jvp = forward_mode.max_pool_jvp  # MAX: d top = d bottom at each window's argmax; AVE: linear.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return

@@ -15,6 +15,7 @@ shared scratch array instead of a temporary.
 import numpy
 
 from ..errors import ConfigError, ShapeError
+from .. import forward_mode
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
 from .common import _canonical_axis, _prod
@@ -48,6 +49,7 @@ class SplitLayer(Layer):
     def forward(self, bottom, top):
         pass  # the tops share the bottom's data
 
+    jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -92,6 +94,7 @@ class FlattenLayer(Layer):
     def forward(self, bottom, top):
         pass
 
+    jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
     def backward(self, top, propagate_down, bottom):
         pass  # diff is shared
 
@@ -192,6 +195,7 @@ class ReshapeLayer(Layer):
     def forward(self, bottom, top):
         pass
 
+    jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
     def backward(self, top, propagate_down, bottom):
         pass  # diff is shared
 
@@ -261,6 +265,7 @@ class ConcatLayer(Layer):
             y[:, off:off + n, :] = x
             off += n
 
+    jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
     def backward(self, top, propagate_down, bottom):
         if len(bottom) == 1:
             return
@@ -347,6 +352,7 @@ class SliceLayer(Layer):
             t.data.reshape(self.outer, n, self.inner)[...] = x[:, off:off + n, :]
             off += n
 
+    jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0] or len(top) == 1:
             return
@@ -469,6 +475,7 @@ class EltwiseLayer(Layer):
                 else:
                     xp.maximum(y, x, out=y)
 
+    jvp = forward_mode.eltwise_jvp  # SUM linear; PROD: sum_i dx_i prod_{j!=i} x_j; MAX: dx at the argmax bottom.
     def backward(self, top, propagate_down, bottom):
         xp = top[0].xp
         in_place = top[0] is bottom[0]
@@ -563,6 +570,7 @@ class TileLayer(Layer):
         top[0].data.reshape(self.outer, self.tiles, self.inner)[...] = \
             bottom[0].data.reshape(self.outer, 1, self.inner)
 
+    jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return

@@ -45,6 +45,7 @@ Convolution / Deconvolution (``convolution_param``)
 
 """
 from ..errors import ConfigError, ShapeError
+from .. import forward_mode
 from ..fillers import fill, filler_param
 from ..im2col import (col2im, col2im_batch_last, conv_out_size, deconv_out_size, im2col,
                       im2col_batch_last, padded_extent)
@@ -595,6 +596,7 @@ class ConvolutionLayer(_BaseConvolutionLayer):
                               self._dw_view(t.diff, self.num_output, self.out_sp),
                               dx=dx, dw=dw, db=db)
 
+    jvp = forward_mode.weighted_jvp  # d(W*x + b) = W*dx + dW*x + db (InnerProduct, Convolution, Deconvolution).
     def backward(self, top, propagate_down, bottom):
         if self._dw is not None:
             self._backward_depthwise(top, propagate_down, bottom)
@@ -627,6 +629,7 @@ class DeconvolutionLayer(_BaseConvolutionLayer):
             self._col2im_pass(self._col_view(b.data), self._img_view(t.data))
             self._add_bias(t.data)
 
+    jvp = forward_mode.weighted_jvp  # d(W*x + b) = W*dx + dW*x + db (InnerProduct, Convolution, Deconvolution).
     def backward(self, top, propagate_down, bottom):
         need_w = self.param_propagate_down[0]
         dW = self.blobs[0].diff.reshape(self.group, self.ocg, self.kg) if need_w else None

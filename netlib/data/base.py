@@ -20,6 +20,7 @@ import weakref
 import numpy
 
 from ..errors import ConfigError
+from .. import forward_mode
 from ..layer import Layer
 from ..parallel import shard
 from ..random import get_rng
@@ -40,6 +41,8 @@ class PrefetchingDataLayer(Layer):
     exact_num_bottom_blobs = 0
     min_top_blobs = 1
     max_top_blobs = 2
+
+    jvp = forward_mode.zero_jvp  # d top = 0 (data layers)
 
     def setup(self, bottom, top):
         self.output_labels = len(top) == 2

@@ -1,0 +1,322 @@
+"""Forward-mode derivatives (Jacobian-vector products) through a net.
+
+Each layer declares its tangent rule as ``Layer.jvp(bottom, top, tangents,
+param_tangents)``: given the bottoms' tangents (arrays, one per bottom) and
+the parameter blobs' tangents (arrays or None, one per ``layer.blobs``), it
+returns the tops' tangents, computed after the layer's ``forward`` on the
+same blobs (so a rule may read the forward's state: masks, argmaxes, batch
+statistics).  A rule never writes the blobs' data or diff.
+
+Most rules are one of the helpers below:
+
+* ``linear_jvp``: the layer is linear in its bottoms and parameters together
+  (Split, Concat, Slice, Flatten, Reshape, Crop, Tile, AVE Pooling, Bias,
+  Eltwise SUM...): the tangent is the forward of the tangents.
+* ``multilinear_jvp``: linear in each of several factors (InnerProduct and
+  Convolution: input and weights; Scale; Eltwise PROD): the sum over the
+  factors of the forward with that factor replaced by its tangent and the
+  affine (bias) parameters zeroed, plus the forward of the bias tangents.
+* ``symmetric_jvp``: the Jacobian is symmetric (elementwise neurons, Softmax,
+  MVN, BatchNorm in both modes, Dropout): the tangent is the layer's own
+  backward applied to the tangent.
+* ``scalar_jvp``: a one-top scalar loss: ``<d loss / d bottom, tangent>``
+  from the layer's backward with a unit top diff.
+* ``zero_jvp``: piecewise constant outputs or data layers.
+
+``run_jvp`` drives a whole net (``Net.jvp``): one forward pass computing
+each blob's value and tangent, tangents kept per blob version (an in-place
+layer's top tangent replaces its bottom's after the rule has run).
+"""
+import numpy
+
+from .blob import Blob
+from .errors import LayerError, NetlibError
+
+
+class JVPError(LayerError):
+    """A forward-mode derivative cannot be computed (no rule, bad tangent)."""
+
+
+def _temp(like, array):
+    b = Blob(tuple(array.shape), dtype=like.dtype, xp=like.xp)
+    b.data[...] = array
+    return b
+
+
+def _run(layer, bottom, n_top):
+    tops = [Blob((), dtype=layer.dtype, xp=layer.xp) for _ in range(n_top)]
+    layer.reshape(bottom, tops)
+    layer.forward(bottom, tops)
+    layer.invalidate_reshape()  # what reshape cached refers to the scratch blobs
+    return [t.data.copy() for t in tops]
+
+
+class _ParamSwap:
+    """Temporarily replace parameter blobs' data (restored on exit)."""
+
+    def __init__(self, layer, values):
+        self.layer, self.values = layer, values
+
+    def __enter__(self):
+        self.saved = []
+        for k, v in self.values.items():
+            blob = self.layer.blobs[k]
+            self.saved.append((blob, blob.data.copy()))
+            blob.data[...] = v
+        return self
+
+    def __exit__(self, *exc):
+        for blob, data in self.saved:
+            blob.data[...] = data
+
+
+def _param_tangent(layer, param_tangents, k):
+    t = param_tangents[k] if param_tangents and k < len(param_tangents) else None
+    return t
+
+
+def zero_jvp(layer, bottom, top, tangents, param_tangents):
+    """d top = 0 (data layers, piecewise constant outputs)."""
+    return [t.xp.zeros(t.shape, dtype=t.dtype) for t in top]
+
+
+def linear_jvp(layer, bottom, top, tangents, param_tangents):
+    """d top = forward(d bottom, d params): the layer is linear in both."""
+    xp = layer.xp
+    swap = {k: (_param_tangent(layer, param_tangents, k) if _param_tangent(layer, param_tangents, k) is not None
+                else xp.zeros(b.shape, dtype=b.dtype)) for k, b in enumerate(layer.blobs)}
+    with _ParamSwap(layer, swap):
+        out = _run(layer, [_temp(b, t) for b, t in zip(bottom, tangents)], len(top))
+    return out
+
+
+def multilinear_jvp(layer, bottom, top, tangents, param_tangents, bottom_factors=(0,),
+                    param_factors=(0,), affine=()):
+    """Sum over factors of forward(factor -> its tangent, biases -> 0), plus
+    forward(first factor -> 0, biases -> their tangents)."""
+    xp = layer.xp
+    zeros = {k: xp.zeros(layer.blobs[k].shape, dtype=layer.dtype) for k in affine}
+    out = None
+
+    def add(res):
+        nonlocal out
+        out = res if out is None else [a + b for a, b in zip(out, res)]
+
+    for i in bottom_factors:
+        bots = list(bottom)
+        bots[i] = _temp(bottom[i], tangents[i])
+        with _ParamSwap(layer, zeros):
+            add(_run(layer, bots, len(top)))
+    for k in param_factors:
+        t = _param_tangent(layer, param_tangents, k)
+        if t is None:
+            continue
+        swap = dict(zeros)
+        swap[k] = t
+        with _ParamSwap(layer, swap):
+            add(_run(layer, bottom, len(top)))
+    bias = {k: _param_tangent(layer, param_tangents, k) for k in affine}
+    if any(v is not None for v in bias.values()):
+        swap = {k: (v if v is not None else zeros[k]) for k, v in bias.items()}
+        bots = list(bottom)
+        if bottom_factors:
+            bots[bottom_factors[0]] = _temp(bottom[bottom_factors[0]], xp.zeros(bottom[bottom_factors[0]].shape,
+                                                                                   dtype=layer.dtype))
+        else:
+            swap[param_factors[0]] = xp.zeros(layer.blobs[param_factors[0]].shape, dtype=layer.dtype)
+        with _ParamSwap(layer, swap):
+            add(_run(layer, bots, len(top)))
+    if out is None:
+        out = zero_jvp(layer, bottom, top, tangents, param_tangents)
+    return out
+
+
+def _backward_with(layer, bottom, top, top_diffs, propagate):
+    """The layer's backward on scratch diffs: returns the bottoms' diffs;
+    the parameters' diffs are restored."""
+    saved = [(b, b.diff.copy()) for b in layer.blobs]
+    tops, bots = [], []
+    for t, d in zip(top, top_diffs):
+        s = Blob((), dtype=t.dtype, xp=t.xp)
+        s.reshape(t.shape)
+        s.share_data(t)
+        s.diff[...] = d
+        tops.append(s)
+    for b in bottom:
+        same = [s for s, t in zip(tops, top) if t is b]
+        if same:
+            bots.append(same[0])
+            continue
+        s = Blob((), dtype=b.dtype, xp=b.xp)
+        s.reshape(b.shape)
+        s.share_data(b)
+        s.diff[...] = 0
+        bots.append(s)
+    try:
+        layer.backward(tops, propagate, bots)
+    finally:
+        for b, d in saved:
+            b.diff[...] = d
+    return [b.diff.copy() for b in bots]
+
+
+def symmetric_jvp(layer, bottom, top, tangents, param_tangents):
+    """d top = J d bottom = J^T d bottom: the layer's backward of the tangent."""
+    if any(t is not None for t in (param_tangents or ())):
+        layer.fail("has no tangent rule for its parameters", error=JVPError)
+    return _backward_with(layer, bottom, top, [tangents[0]], [True] + [False] * (len(bottom) - 1))[:1]
+
+
+def scalar_jvp(layer, bottom, top, tangents, param_tangents):
+    """d loss = sum_i <d loss / d bottom_i, d bottom_i>."""
+    if len(top) != 1:
+        layer.fail("has a tangent rule only with one (loss) top", error=JVPError)
+    propagate = [layer.allow_force_backward(i) for i in range(len(bottom))]
+    ones = top[0].xp.ones(top[0].shape, dtype=top[0].dtype)
+    grads = _backward_with(layer, bottom, top, [ones], propagate)
+    xp = layer.xp
+    total = top[0].dtype.type(0)
+    for g, t, p in zip(grads, tangents, propagate):
+        if p:
+            total = total + xp.sum(g * t)
+    return [xp.full(top[0].shape, total, dtype=top[0].dtype)]
+
+
+def check_tangents(layer, bottom, top, tangents, param_tangents):
+    for i, (b, t) in enumerate(zip(bottom, tangents)):
+        if tuple(t.shape) != tuple(b.shape):
+            layer.fail("bottom %d tangent has shape %s, the blob %s" % (i, tuple(t.shape), tuple(b.shape)),
+                       error=JVPError)
+
+
+def run_jvp(net, tangents):
+    """Net.jvp: see there."""
+    xp, dtype = net.layers[0].xp if net.layers else numpy, net.dtype
+    blob_tan, param_tan = {}, {}
+    for key, value in (tangents or {}).items():
+        if isinstance(key, tuple):
+            lname, k = key
+            if lname not in net._layer_index:
+                raise JVPError("jvp: tangent for a parameter of layer %r: the net has no such layer" % (lname,))
+            layer = net.layers[net._layer_index[lname]]
+            if not (0 <= k < len(layer.blobs)):
+                raise JVPError("jvp: tangent for parameter %d of layer %r, which has %d parameter blobs"
+                               % (k, lname, len(layer.blobs)))
+            shape = layer.blobs[k].shape
+            if tuple(numpy.shape(value)) != tuple(shape):
+                raise JVPError("jvp: tangent for parameter (%r, %d) has shape %s, the parameter %s"
+                               % (lname, k, tuple(numpy.shape(value)), tuple(shape)))
+            param_tan[(net._layer_index[lname], k)] = xp.asarray(value, dtype=dtype)
+        else:
+            if key not in net.blobs:
+                raise JVPError("jvp: tangent for blob %r: the net has no such blob" % (key,))
+            shape = net.blobs[key].shape
+            if tuple(numpy.shape(value)) != tuple(shape):
+                raise JVPError("jvp: tangent for blob %r has shape %s, the blob %s"
+                               % (key, tuple(numpy.shape(value)), tuple(shape)))
+            blob_tan[key] = xp.asarray(value, dtype=dtype)
+    names = net._blob_names
+    current = {}
+    for tid in getattr(net, "_input_ids", ()):
+        if names[tid] in blob_tan:
+            current[tid] = blob_tan[names[tid]]
+    for i, layer in enumerate(net.layers):
+        bottom, top = net.bottom_vecs[i], net.top_vecs[i]
+        layer.Forward(bottom, top)
+        bt = []
+        for b, bid in zip(bottom, net.bottom_ids[i]):
+            t = current.get(bid)
+            bt.append(t if t is not None else xp.zeros(b.shape, dtype=b.dtype))
+        pt = [param_tan.get((i, k)) for k in range(len(layer.blobs))]
+        out = layer.jvp(bottom, top, bt, pt if any(p is not None for p in pt) else None)
+        for tid, t in zip(net.top_ids[i], out):
+            if names[tid] in blob_tan and tid not in net.bottom_ids[i]:
+                t = blob_tan[names[tid]]  # a given tangent replaces the producer's
+            current[tid] = t
+    # Input blobs given as net inputs (input: fields) have no producing layer.
+    return {names[tid]: t for tid, t in current.items()}
+
+
+def weighted_jvp(layer, bottom, top, tangents, param_tangents):
+    """d(W*x + b) = W*dx + dW*x + db (InnerProduct, Convolution, Deconvolution)."""
+    return multilinear_jvp(layer, bottom, top, tangents, param_tangents, (0,), (0,),
+                           (1,) if len(layer.blobs) > 1 else ())
+
+
+def embed_jvp(layer, bottom, top, tangents, param_tangents):
+    """d(W[i] + b) = dW[i] + db (the indices have no tangent)."""
+    return multilinear_jvp(layer, bottom, top, tangents, param_tangents, (), (0,),
+                           (1,) if len(layer.blobs) > 1 else ())
+
+
+def scale_jvp(layer, bottom, top, tangents, param_tangents):
+    """d(x*s + b) = dx*s + x*ds + db (s a bottom or a parameter)."""
+    if len(bottom) > 1:
+        return multilinear_jvp(layer, bottom, top, tangents, param_tangents, (0, 1), (),
+                               (0,) if layer.blobs else ())
+    return multilinear_jvp(layer, bottom, top, tangents, param_tangents, (0,), (0,),
+                           (1,) if len(layer.blobs) > 1 else ())
+
+
+def max_pool_jvp(layer, bottom, top, tangents, param_tangents):
+    """MAX: d top = d bottom at each window's argmax; AVE: linear."""
+    from .proto import caffe_pb2
+    method = layer.layer_param.pooling_param.pool
+    if method == caffe_pb2.PoolingParameter.AVE:
+        return linear_jvp(layer, bottom, top, tangents, param_tangents)[:1] + \
+            [layer.xp.zeros(t.shape, dtype=t.dtype) for t in top[1:]]
+    if method != caffe_pb2.PoolingParameter.MAX:
+        layer.fail("has a tangent rule only for MAX and AVE pooling", error=JVPError)
+    from .layer import create_layer
+    xp = layer.xp
+    probe = getattr(layer, "_jvp_probe", None)
+    if probe is None:
+        param = caffe_pb2.LayerParameter()
+        param.CopyFrom(layer.layer_param)
+        del param.top[:]
+        param.top.extend(["y", "mask"])
+        probe = layer._jvp_probe = create_layer(param, phase=layer.phase, dtype=layer.dtype, xp=xp)
+        probe.SetUp([bottom[0]], [Blob((), dtype=layer.dtype, xp=xp), Blob((), dtype=layer.dtype, xp=xp)])
+    outs = [Blob((), dtype=layer.dtype, xp=xp), Blob((), dtype=layer.dtype, xp=xp)]
+    probe.reshape([bottom[0]], outs)
+    probe.forward([bottom[0]], outs)
+    idx = outs[1].data.astype(numpy.int64)
+    n, c = idx.shape[:2]
+    flat_t = tangents[0].reshape(n, c, -1)
+    out = xp.take_along_axis(flat_t, idx.reshape(n, c, -1), axis=2).reshape(idx.shape)
+    return [out.astype(layer.dtype)] + [xp.zeros(t.shape, dtype=t.dtype) for t in top[1:]]
+
+
+def eltwise_jvp(layer, bottom, top, tangents, param_tangents):
+    """SUM linear; PROD: sum_i dx_i prod_{j!=i} x_j; MAX: dx at the argmax bottom."""
+    from .proto import caffe_pb2
+    op = layer.layer_param.eltwise_param.operation
+    E = caffe_pb2.EltwiseParameter
+    if op == E.SUM:
+        return linear_jvp(layer, bottom, top, tangents, param_tangents)
+    if op == E.PROD:
+        return multilinear_jvp(layer, bottom, top, tangents, param_tangents, tuple(range(len(bottom))), (), ())
+    xp = layer.xp
+    arg = xp.argmax(xp.stack([b.data for b in bottom]), axis=0)
+    return [xp.take_along_axis(xp.stack(tangents), arg[None], axis=0)[0]]
+
+
+def reduction_jvp(layer, bottom, top, tangents, param_tangents):
+    """SUM/MEAN linear; ASUM: c*sum(sign(x) dx); SUMSQ: c*sum(2 x dx)."""
+    from .proto import caffe_pb2
+    R = caffe_pb2.ReductionParameter
+    op = layer.layer_param.reduction_param.operation
+    if op in (R.SUM, R.MEAN):
+        return linear_jvp(layer, bottom, top, tangents, param_tangents)
+    xp = layer.xp
+    x = bottom[0].data
+    w = xp.sign(x) if op == R.ASUM else 2 * x
+    coeff = layer.layer_param.reduction_param.coeff
+    shape = top[0].shape
+    return [(coeff * (w * tangents[0]).reshape(int(numpy.prod(shape)) if shape else 1, -1).sum(axis=1))
+            .reshape(shape).astype(layer.dtype)]
+
+
+def first_bottom_linear_jvp(layer, bottom, top, tangents, param_tangents):
+    """d top = forward(d bottom 0, the other bottoms as they are) (BatchReindex: indices)."""
+    return multilinear_jvp(layer, bottom, top, tangents, param_tangents, (0,), (), ())
