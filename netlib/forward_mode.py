@@ -220,6 +220,8 @@ def run_jvp(net, tangents):
     for tid in getattr(net, "_input_ids", ()):
         if names[tid] in blob_tan:
             current[tid] = blob_tan[names[tid]]
+    if getattr(net, "_memory", None) is not None and net.layers:
+        net._memory.prepare(0, len(net.layers) - 1, ())  # as Net.forward does
     for i, layer in enumerate(net.layers):
         bottom, top = net.bottom_vecs[i], net.top_vecs[i]
         layer.Forward(bottom, top)
@@ -320,3 +322,30 @@ def reduction_jvp(layer, bottom, top, tangents, param_tangents):
 def first_bottom_linear_jvp(layer, bottom, top, tangents, param_tangents):
     """d top = forward(d bottom 0, the other bottoms as they are) (BatchReindex: indices)."""
     return multilinear_jvp(layer, bottom, top, tangents, param_tangents, (0,), (), ())
+
+
+def filter_jvp(layer, bottom, top, tangents, param_tangents):
+    """d top_i = the selected items of d bottom_i (the selector has no tangent)."""
+    bots = [_temp(b, t) for b, t in zip(bottom[:-1], tangents[:-1])] + [bottom[-1]]
+    return _run(layer, bots, len(top))
+
+
+def lrn_jvp(layer, bottom, top, tangents, param_tangents):
+    """ACROSS_CHANNELS: dy = dx s^-b - b x s^(-b-1) (a/n) win(2 x dx), s = k + (a/n) win(x^2)."""
+    from .proto import caffe_pb2
+    if layer.region != caffe_pb2.LRNParameter.ACROSS_CHANNELS:
+        layer.fail("has a tangent rule only for ACROSS_CHANNELS", error=JVPError)
+    xp = layer.xp
+    x, dx = bottom[0].data, tangents[0]
+    n, size, pre = x.shape[1], layer.size, layer.pre_pad
+
+    def win(v):
+        pad = [(0, 0)] * v.ndim
+        pad[1] = (pre + 1, size - 1 - pre)
+        c = xp.cumsum(xp.pad(v, pad), axis=1)
+        return c[:, size:size + n] - c[:, :n]
+
+    a = layer.alpha / size
+    s = layer.k + a * win(x * x)
+    out = dx * s ** -layer.beta - layer.beta * x * s ** (-layer.beta - 1) * a * win(2 * x * dx)
+    return [out.astype(layer.dtype, copy=False)]

@@ -73,6 +73,12 @@ CASES = [
     ('type: "Reduction" reduction_param { operation: ASUM axis: 1 }', [(2, 3)]),
     ('type: "Reduction" reduction_param { operation: SUMSQ }', [(2, 3)]),
     ('type: "EuclideanLoss"', [(2, 3), (2, 3)]),
+    ('type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 k: 1.5 }', [(2, 5, 2, 2)]),
+    ('type: "LRN" lrn_param { local_size: 5 alpha: 0.3 beta: 0.6 }', [(2, 4, 3, 1)]),
+    ('type: "PReLU" prelu_param { filler { type: "gaussian" } }', [(2, 3, 4)]),
+    ('type: "PReLU" prelu_param { channel_shared: true filler { type: "gaussian" } }', [(2, 3, 4)]),
+    ('type: "Permute" permute_param { order: 0 order: 2 order: 1 }', [(2, 3, 4)]),
+    ('type: "PriorBox" prior_box_param { min_size: 4 aspect_ratio: 2 }', [(1, 2, 3, 3), (1, 3, 12, 12)]),
     ('type: "Parameter" parameter_param { shape { dim: 2 dim: 3 } }', []),
     ('type: "Im2col" convolution_param { kernel_size: 2 stride: 1 }', [(1, 2, 3, 3)]),
 ]
@@ -105,6 +111,14 @@ def test_check_jvp_log_and_losses():
               check_bottoms=[0])
     check_jvp('type: "BatchReindex"', bottoms=[rng.normal(size=(4, 3)), numpy.array([1, 0, 3.0])],
               check_bottoms=[0])
+    check_jvp('type: "Filter" top: "a"', bottoms=[rng.normal(size=(4, 3)), numpy.array([1, 0, 1, 1.0])],
+              check_bottoms=[0])
+    check_jvp('type: "Silence"', bottom_shapes=[(2, 3)], num_tops=0)
+    with pytest.raises(JVPError, match="ACROSS_CHANNELS"):
+        check_jvp('type: "LRN" lrn_param { norm_region: WITHIN_CHANNEL }', bottom_shapes=[(1, 2, 3, 3)])
+    with pytest.raises(JVPError, match="MAX and AVE"):
+        check_jvp('type: "Pooling" pooling_param { pool: STOCHASTIC kernel_size: 2 }', bottom_shapes=[(1, 1, 4, 4)],
+                  phase="TEST")
     check_jvp('type: "Accuracy"', bottoms=[rng.normal(size=(4, 3)), labels], check_bottoms=[])
 
 
@@ -132,7 +146,7 @@ def test_layer_without_rule_raises_typed_error():
 
 #: Registered types with no jvp rule yet (keep in sync; it must not grow).
 WITHOUT_RULE = sorted("""
-    DetectionOutput Filter HDF5Output LRN LSTM LSTMUnit Normalize PReLU Permute PriorBox Python RNN SPP Silence
+    DetectionOutput LSTM LSTMUnit Normalize Python RNN SPP
 """.split())
 
 
@@ -158,8 +172,13 @@ def _bench():
 def _net(name, batch):
     from netlib.proto import caffe_pb2
     param = _bench().bench_param(name, "train", batch)
-    netlib.set_random_seed(5)
-    return netlib.Net(param, caffe_pb2.TRAIN, dtype=numpy.float64)
+    net = netlib.Net(param, caffe_pb2.TRAIN, dtype=numpy.float64)
+    rng = numpy.random.default_rng(5)  # nonzero weights of unit gain (some prototxts fill with zeros)
+    for blobs in net.params.values():
+        for b in blobs:
+            fan_in = max(int(numpy.prod(b.shape[1:])), 1) if len(b.shape) > 1 else 1
+            b.data[...] = rng.normal(size=b.shape) / numpy.sqrt(fan_in)
+    return net
 
 
 @pytest.mark.parametrize("name,batch", [("lenet", 2), ("cifar10_quick", 2)])
@@ -188,14 +207,14 @@ def test_net_jvp_matches_centred_differences(name, batch):
         net.forward()
         return {n: b.data.copy() for n, b in net.blobs.items()}
 
-    h = 1e-5
+    h = 1e-7  # small: at 1e-5 a few max-pool / ReLU switches in CIFAR-10 quick show as 1e-4 errors
     plus, minus = run(h), run(-h)
     run(0)
     for blob in (ip, "loss"):
         top = net.top_names[blob][0] if blob in net.top_names else blob
         num = (plus[top] - minus[top]) / (2 * h)
         err = numpy.abs(out[top] - num).max() / max(numpy.abs(num).max(), 1e-12)
-        assert err < 1e-6, (name, top, err)
+        assert err < 1e-6, (name, top, err)  # measured: about 1e-8
         assert out[top].dtype == numpy.float64
 
 

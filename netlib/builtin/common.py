@@ -620,6 +620,8 @@ class FilterLayer(Layer):
             if t.count:
                 xp.take(b.data, self.indices, axis=0, out=t.data)
 
+    jvp = forward_mode.filter_jvp  # d top_i = the selected items of d bottom_i.
+
     def backward(self, top, propagate_down, bottom):
         _no_backward_to(self, propagate_down, bottom, [len(bottom) - 1],
                         "Filter cannot backpropagate to the selector input")

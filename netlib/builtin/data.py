@@ -451,6 +451,8 @@ class HDF5OutputLayer(Layer):
     exact_num_bottom_blobs = 2
     exact_num_top_blobs = 0
 
+    jvp = forward_mode.zero_jvp  # no tops.
+
     def setup(self, bottom, top):
         import h5py
         self.file_name = self.layer_param.hdf5_output_param.file_name

@@ -669,6 +669,17 @@ class PReLULayer(NeuronLayer):
         xp.maximum(x, 0, out=y)
         y += t
 
+    def jvp(self, bottom, top, tangents, param_tangents):
+        """dy = (x > 0 ? 1 : a) dx + min(x, 0) da."""
+        xp = self.xp
+        x = self._bottom_data(bottom, top)
+        out = xp.where(x > 0, self.dtype.type(1), self._slope(x.shape)) * tangents[0]
+        if param_tangents and param_tangents[0] is not None:
+            da = param_tangents[0].reshape(self._slope(x.shape).shape)
+            out = out + xp.minimum(x, 0) * da
+        return [out.astype(self.dtype, copy=False)]
+
+
     def backward(self, top, propagate_down, bottom):
         xp = bottom[0].xp
         x = self._bottom_data(bottom, top)

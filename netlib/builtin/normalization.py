@@ -200,6 +200,8 @@ class LRNLayer(Layer):
         return out
 
     # backward -----------------------------------------------------------------
+    jvp = forward_mode.lrn_jvp  # dy = dx s^-b - b x s^(-b-1) (a/n) win(2 x dx).
+
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return

@@ -531,6 +531,8 @@ class SilenceLayer(Layer):
     def forward(self, bottom, top):
         pass
 
+    jvp = forward_mode.zero_jvp  # no tops.
+
     def backward(self, top, propagate_down, bottom):
         for b, p in zip(bottom, propagate_down):
             if p:

@@ -1,5 +1,6 @@
 """Permute (SSD fork): transpose a blob's axes."""
 from ..errors import ConfigError
+from .. import forward_mode
 from ..layer import Layer, register_layer
 
 
@@ -67,6 +68,8 @@ class PermuteLayer(Layer):
     def forward(self, bottom, top):
         if not self.identity:
             top[0].data[...] = bottom[0].data.transpose(self.order)
+
+    jvp = forward_mode.linear_jvp  # d top = permute(d bottom).
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0] and not self.identity:

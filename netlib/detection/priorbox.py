@@ -4,6 +4,7 @@ import math
 import numpy
 
 from ..errors import ConfigError, ShapeError
+from .. import forward_mode
 from ..layer import Layer, register_layer
 
 
@@ -50,6 +51,8 @@ class PriorBoxLayer(Layer):
 
     exact_num_bottom_blobs = 2
     exact_num_top_blobs = 1
+
+    jvp = forward_mode.zero_jvp  # d top = 0 (the priors depend only on shapes).
 
     def setup(self, bottom, top):
         p = self.layer_param.prior_box_param
