@@ -256,3 +256,55 @@ def test_net_jvp_errors():
         net.jvp({("conv1", 5): numpy.zeros(3)})
     with pytest.raises(JVPError, match=r"\('conv1', 0\) has shape"):
         net.jvp({("conv1", 0): numpy.zeros(3)})
+
+
+DAG = """
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "c1" type: "Convolution" bottom: "x" top: "c1"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.3 }
+                            bias_filler { type: "gaussian" } } }
+layer { name: "bn" type: "BatchNorm" bottom: "c1" top: "c1" }
+layer { name: "sc" type: "Scale" bottom: "c1" top: "c1" scale_param { bias_term: true filler { type: "gaussian" } } }
+layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" relu_param { negative_slope: 0.2 } }
+layer { name: "dw" type: "ConvolutionDepthwise" bottom: "c1" top: "dw"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "sum" type: "Eltwise" bottom: "c1" bottom: "dw" top: "sum" }
+layer { name: "cat" type: "Concat" bottom: "sum" bottom: "c1" top: "cat" }
+layer { name: "lrn" type: "LRN" bottom: "cat" top: "lrn" lrn_param { local_size: 3 alpha: 0.1 } }
+layer { name: "pool" type: "Pooling" bottom: "lrn" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "tanh" type: "TanH" bottom: "pool" top: "pool" }
+layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
+        inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.2 } } }
+layer { name: "sm" type: "Softmax" bottom: "ip" top: "prob" }
+"""
+
+
+def test_net_jvp_dag_split_in_place_batchnorm():
+    """A blob read twice (a Split), in-place BatchNorm/Scale/ReLU/TanH chains, depthwise, Concat, LRN, MAX pooling,
+    with input and parameter tangents (TRAIN: BatchNorm's batch statistics)."""
+    from google.protobuf import text_format
+    from netlib.proto import caffe_pb2
+    param = text_format.Parse(DAG, caffe_pb2.NetParameter())
+    netlib.set_random_seed(2)
+    net = netlib.Net(param, caffe_pb2.TRAIN, dtype=numpy.float64)
+    rng = numpy.random.default_rng(4)
+    x, dx = rng.normal(size=(2, 3, 6, 6)), rng.normal(size=(2, 3, 6, 6))
+    dp = {("c1", 0): rng.normal(size=net.params["c1"][0].shape), ("sc", 1): rng.normal(size=(4,)),
+          ("dw", 0): rng.normal(size=net.params["dw"][0].shape), ("ip", 1): rng.normal(size=(5,))}
+    base = {k: net.params[k[0]][k[1]].data.copy() for k in dp}
+    net.blobs["x"].data[...] = x
+    tangents = dict(dp)
+    tangents["x"] = dx
+    out = net.jvp(tangents)
+
+    def run(eps):
+        net.blobs["x"].data[...] = x + eps * dx
+        for k, v in dp.items():
+            net.params[k[0]][k[1]].data[...] = base[k] + eps * v
+        net.forward()
+        return net.blobs["prob"].data.copy(), net.blobs["ip"].data.copy()
+
+    h = 1e-7
+    (pp, ip_p), (pm, ip_m) = run(h), run(-h)
+    for got, num in ((out["prob"], (pp - pm) / (2 * h)), (out["ip"], (ip_p - ip_m) / (2 * h))):
+        assert numpy.abs(got - num).max() / numpy.abs(num).max() < 1e-5
