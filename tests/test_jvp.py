@@ -9,6 +9,7 @@ import numpy
 import pytest
 
 import netlib
+from netlib import backend
 from netlib.errors import LayerError, NetlibError
 from netlib.forward_mode import JVPError
 from netlib.layer import layer_class, layer_type_list
@@ -196,8 +197,8 @@ def test_net_jvp_matches_centred_differences(name, batch):
     net.blobs["label"].data[...] = labels
     tangents = dict(dw)
     tangents["data"] = dx
-    out = net.jvp(tangents)
-    base = {k: net.params[k[0]][k[1]].data.copy() for k in dw}
+    out = {k: backend.to_numpy(v) for k, v in net.jvp(tangents).items()}
+    base = {k: backend.to_numpy(net.params[k[0]][k[1]].data).copy() for k in dw}
 
     def run(eps):
         net.blobs["data"].data[...] = x + eps * dx
@@ -205,7 +206,7 @@ def test_net_jvp_matches_centred_differences(name, batch):
         for k, v in dw.items():
             net.params[k[0]][k[1]].data[...] = base[k] + eps * v
         net.forward()
-        return {n: b.data.copy() for n, b in net.blobs.items()}
+        return {n: backend.to_numpy(b.data).copy() for n, b in net.blobs.items()}
 
     h = 1e-7  # small: at 1e-5 a few max-pool / ReLU switches in CIFAR-10 quick show as 1e-4 errors
     plus, minus = run(h), run(-h)
@@ -234,10 +235,10 @@ def test_net_jvp_in_place_layers_and_float32():
         rng = numpy.random.default_rng(1)
         x, dx = rng.normal(size=(2, 3)), rng.normal(size=(2, 3))
         net.blobs["x"].data[...] = x
-        out = net.jvp({"x": dx})
+        out = {k: backend.to_numpy(v) for k, v in net.jvp({"x": dx}).items()}
         assert out["y"].dtype == dtype
-        w = net.params["ip"][0].data.astype(numpy.float64)
-        pre = x @ w.T + net.params["ip"][1].data
+        w = backend.to_numpy(net.params["ip"][0].data).astype(numpy.float64)
+        pre = x @ w.T + backend.to_numpy(net.params["ip"][1].data)
         s = 1 / (1 + numpy.exp(-numpy.maximum(pre, 0)))
         expected = s * (1 - s) * (pre > 0) * (dx @ w.T)
         numpy.testing.assert_allclose(out["y"], expected, rtol=1e-5 if dtype == numpy.float32 else 1e-12, atol=1e-6)
@@ -291,20 +292,40 @@ def test_net_jvp_dag_split_in_place_batchnorm():
     x, dx = rng.normal(size=(2, 3, 6, 6)), rng.normal(size=(2, 3, 6, 6))
     dp = {("c1", 0): rng.normal(size=net.params["c1"][0].shape), ("sc", 1): rng.normal(size=(4,)),
           ("dw", 0): rng.normal(size=net.params["dw"][0].shape), ("ip", 1): rng.normal(size=(5,))}
-    base = {k: net.params[k[0]][k[1]].data.copy() for k in dp}
+    base = {k: backend.to_numpy(net.params[k[0]][k[1]].data).copy() for k in dp}
     net.blobs["x"].data[...] = x
     tangents = dict(dp)
     tangents["x"] = dx
-    out = net.jvp(tangents)
+    out = {k: backend.to_numpy(v) for k, v in net.jvp(tangents).items()}
 
     def run(eps):
         net.blobs["x"].data[...] = x + eps * dx
         for k, v in dp.items():
             net.params[k[0]][k[1]].data[...] = base[k] + eps * v
         net.forward()
-        return net.blobs["prob"].data.copy(), net.blobs["ip"].data.copy()
+        return backend.to_numpy(net.blobs["prob"].data).copy(), backend.to_numpy(net.blobs["ip"].data).copy()
 
     h = 1e-7
     (pp, ip_p), (pm, ip_m) = run(h), run(-h)
     for got, num in ((out["prob"], (pp - pm) / (2 * h)), (out["ip"], (ip_p - ip_m) / (2 * h))):
         assert numpy.abs(got - num).max() / numpy.abs(num).max() < 1e-5
+
+
+@pytest.fixture
+def on_fake():
+    """netlib's default array module is tests/fakecupy.py (no implicit NumPy) for this test."""
+    import fakecupy
+    old = backend.default_xp()
+    backend.set_mode_device(fakecupy)
+    yield fakecupy
+    if old is numpy:
+        backend.set_mode_cpu()
+    else:
+        backend.set_mode_device(old)
+
+
+def test_jvp_rules_use_the_blob_array_module(on_fake):
+    """Every rule goes through xp: the grid and a whole net on a CuPy stand-in that refuses NumPy."""
+    for text, shapes in CASES:
+        check_jvp(text, bottom_shapes=shapes)
+    test_net_jvp_dag_split_in_place_batchnorm()
