@@ -30,7 +30,7 @@ layer's top tangent replaces its bottom's after the rule has run).
 import numpy
 
 from .blob import Blob
-from .errors import LayerError, NetlibError
+from .errors import LayerError
 
 
 class JVPError(LayerError):
@@ -180,13 +180,6 @@ def scalar_jvp(layer, bottom, top, tangents, param_tangents):
         if p:
             total = total + xp.sum(g * t)
     return [xp.full(top[0].shape, total, dtype=top[0].dtype)]
-
-
-def check_tangents(layer, bottom, top, tangents, param_tangents):
-    for i, (b, t) in enumerate(zip(bottom, tangents)):
-        if tuple(t.shape) != tuple(b.shape):
-            layer.fail("bottom %d tangent has shape %s, the blob %s" % (i, tuple(t.shape), tuple(b.shape)),
-                       error=JVPError)
 
 
 def run_jvp(net, tangents):
