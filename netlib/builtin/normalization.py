@@ -595,6 +595,13 @@ class SPPLayer(Layer):
             y[:, start:start + width] = out.data.reshape(out.shape[0], width)
             start += width
 
+    def jvp(self, bottom, top, tangents, param_tangents):
+        """d top = the levels' pooling tangents, flattened and concatenated."""
+        parts = [layer.jvp([src], [out], tangents, None)[0] for layer, src, out in self._levels]
+        if self.pyramid_height == 1:
+            return [parts[0].reshape(top[0].shape)]
+        return [self.xp.concatenate([p.reshape(top[0].shape[0], -1) for p in parts], axis=1)]
+
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
