@@ -75,6 +75,9 @@ CASES = [
     ('type: "Reduction" reduction_param { operation: SUMSQ }', [(2, 3)]),
     ('type: "EuclideanLoss"', [(2, 3), (2, 3)]),
     ('type: "SPP" spp_param { pyramid_height: 3 pool: MAX }', [(2, 3, 7, 6)]),
+    ('type: "Normalize" norm_param { scale_filler { type: "gaussian" } }', [(2, 3, 2, 2)]),
+    ('type: "Normalize" norm_param { across_spatial: false channel_shared: false scale_filler { type: "gaussian" } }',
+     [(2, 3, 2, 2)]),
     ('type: "SPP" spp_param { pyramid_height: 2 pool: AVE }', [(2, 3, 5, 5)]),
     ('type: "SPP" spp_param { pyramid_height: 1 pool: MAX }', [(1, 2, 4, 4)]),
     ('type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 k: 1.5 }', [(2, 5, 2, 2)]),
@@ -150,7 +153,7 @@ def test_layer_without_rule_raises_typed_error():
 
 #: Registered types with no jvp rule yet (keep in sync; it must not grow).
 WITHOUT_RULE = sorted("""
-    DetectionOutput LSTM LSTMUnit Normalize Python RNN
+    DetectionOutput LSTM LSTMUnit Python RNN
 """.split())
 
 

@@ -92,6 +92,18 @@ class NormalizeLayer(Layer):
             xp.divide(x, norm, out=y)
         y *= self._scale()
 
+    def jvp(self, bottom, top, tangents, param_tangents):
+        """dy = s (dx - x sum(x dx) / n^2) / n + ds x / n, n = sqrt(sum x^2 + eps) over the norm's group."""
+        xp = self.xp
+        x, dx = bottom[0].data.reshape(self.view), tangents[0].reshape(self.view)
+        axes = (1, 2) if self.across_spatial else (1,)
+        n = xp.sqrt((x * x).sum(axis=axes, keepdims=True) + self.dtype.type(self.eps))
+        out = self._scale() * (dx - x * (x * dx).sum(axis=axes, keepdims=True) / (n * n)) / n
+        if param_tangents and param_tangents[0] is not None:
+            ds = param_tangents[0]
+            out = out + (ds.reshape(()) if self.channel_shared else ds.reshape(1, -1, 1)) * x / n
+        return [out.reshape(bottom[0].shape).astype(self.dtype, copy=False)]
+
     def backward(self, top, propagate_down, bottom):
         xp = top[0].xp
         x = bottom[0].data.reshape(self.view)
