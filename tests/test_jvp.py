@@ -120,6 +120,8 @@ def test_check_jvp_log_and_losses():
               check_bottoms=[0])
     check_jvp('type: "Filter" top: "a"', bottoms=[rng.normal(size=(4, 3)), numpy.array([1, 0, 1, 1.0])],
               check_bottoms=[0])
+    check_jvp('type: "LSTMUnit" top: "c" top: "h"', bottoms=[rng.normal(size=(1, 3, 2)), rng.normal(size=(1, 3, 8)),
+                                                          numpy.array([[1, 0, 1.0]])], check_bottoms=[0, 1])
     check_jvp('type: "Silence"', bottom_shapes=[(2, 3)], num_tops=0)
     with pytest.raises(JVPError, match="ACROSS_CHANNELS"):
         check_jvp('type: "LRN" lrn_param { norm_region: WITHIN_CHANNEL }', bottom_shapes=[(1, 2, 3, 3)])
@@ -153,7 +155,7 @@ def test_layer_without_rule_raises_typed_error():
 
 #: Registered types with no jvp rule yet (keep in sync; it must not grow).
 WITHOUT_RULE = sorted("""
-    DetectionOutput LSTM LSTMUnit Python RNN
+    DetectionOutput LSTM Python RNN
 """.split())
 
 

@@ -534,6 +534,27 @@ class LSTMUnitLayer(Layer):
         top[0].data[...] = c.reshape(1, N, D)
         top[1].data[...] = h.reshape(1, N, D)
 
+    def jvp(self, bottom, top, tangents, param_tangents):
+        """dc = df c_prev + f dc_prev + di g + i dg, dh = do tanh(c) + o (1 - tanh(c)^2) dc (cont: no tangent)."""
+        xp = self.xp
+        N, D = self.N, self.D
+        one = self.dtype.type(1)
+        X = bottom[1].data.reshape(N, 4 * D)
+        dX = tangents[1].reshape(N, 4 * D)
+        cont = bottom[2].data.reshape(N, 1)
+        sig = one / (one + xp.exp(-X[:, :3 * D]))
+        i, f, o = sig[:, :D], sig[:, D:2 * D] * cont, sig[:, 2 * D:]
+        g = xp.tanh(X[:, 3 * D:])
+        di = i * (one - i) * dX[:, :D]
+        df = cont * sig[:, D:2 * D] * (one - sig[:, D:2 * D]) * dX[:, D:2 * D]
+        do = o * (one - o) * dX[:, 2 * D:3 * D]
+        dg = (one - g * g) * dX[:, 3 * D:]
+        c_prev, dc_prev = bottom[0].data.reshape(N, D), tangents[0].reshape(N, D)
+        dc = df * c_prev + f * dc_prev + di * g + i * dg
+        tc = xp.tanh(f * c_prev + i * g)
+        dh = do * tc + o * (one - tc * tc) * dc
+        return [dc.reshape(1, N, D).astype(self.dtype, copy=False), dh.reshape(1, N, D).astype(self.dtype, copy=False)]
+
     def backward(self, top, propagate_down, bottom):
         if propagate_down[2]:
             self.fail("cannot backpropagate to the sequence continuation indicators (bottom 2, cont)",
