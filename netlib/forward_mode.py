@@ -208,28 +208,50 @@ def run_jvp(net, tangents):
                 raise JVPError("jvp: tangent for blob %r has shape %s, the blob %s"
                                % (key, tuple(numpy.shape(value)), tuple(shape)))
             blob_tan[key] = xp.asarray(value, dtype=dtype)
+    current = forward_tangents(net, blob_tan, param_tan)
+    names = net._blob_names
+    return {names[tid]: (t if t is not None else xp.zeros(net._blob_list[tid].shape, dtype=dtype))
+            for tid, t in current.items()}
+
+
+def forward_tangents(net, blob_tan, param_tan, rerun=None, record=None):
+    """One forward pass computing every blob version's tangent.
+
+    ``blob_tan`` maps blob names to tangents, ``param_tan`` maps (layer
+    index, blob index) to tangents.  A layer runs ``Forward`` unless
+    ``rerun(i)`` is false (its tops keep their values), then its jvp rule;
+    a layer whose inputs all have zero tangents gets zero (None) tangents
+    without running its rule (the rules are linear in the tangents).  With
+    ``record`` (a list), appends (bottom tangents, top tangents, parameter
+    tangents) per layer, None for zero.  Returns {blob id: tangent or None}
+    for the final version of every blob.
+    """
+    xp = net.layers[0].xp if net.layers else numpy
     names = net._blob_names
     current = {}
     for tid in getattr(net, "_input_ids", ()):
-        if names[tid] in blob_tan:
-            current[tid] = blob_tan[names[tid]]
+        current[tid] = blob_tan.get(names[tid])
     if getattr(net, "_memory", None) is not None and net.layers:
         net._memory.prepare(0, len(net.layers) - 1, ())  # as Net.forward does
     for i, layer in enumerate(net.layers):
         bottom, top = net.bottom_vecs[i], net.top_vecs[i]
-        layer.Forward(bottom, top)
-        bt = []
-        for b, bid in zip(bottom, net.bottom_ids[i]):
-            t = current.get(bid)
-            bt.append(t if t is not None else xp.zeros(b.shape, dtype=b.dtype))
+        if rerun is None or rerun(i):
+            layer.Forward(bottom, top)
+        bt = [current.get(bid) for bid in net.bottom_ids[i]]
         pt = [param_tan.get((i, k)) for k in range(len(layer.blobs))]
-        out = layer.jvp(bottom, top, bt, pt if any(p is not None for p in pt) else None)
-        for tid, t in zip(net.top_ids[i], out):
+        if all(t is None for t in bt) and all(p is None for p in pt):
+            out = [None] * len(top)
+        else:
+            out = layer.jvp(bottom, top, [t if t is not None else xp.zeros(b.shape, dtype=b.dtype)
+                                          for t, b in zip(bt, bottom)],
+                            pt if any(p is not None for p in pt) else None)
+        for j, tid in enumerate(net.top_ids[i]):
             if names[tid] in blob_tan and tid not in net.bottom_ids[i]:
-                t = blob_tan[names[tid]]  # a given tangent replaces the producer's
-            current[tid] = t
-    # Input blobs given as net inputs (input: fields) have no producing layer.
-    return {names[tid]: t for tid, t in current.items()}
+                out[j] = blob_tan[names[tid]]  # a given tangent replaces the producer's
+            current[tid] = out[j]
+        if record is not None:
+            record.append((bt, list(out), pt))
+    return current
 
 
 def weighted_jvp(layer, bottom, top, tangents, param_tangents):
