@@ -72,6 +72,37 @@ def _layer_param(layer):
     return param
 
 
+class _Setup:
+    """A layer built in float64 on the current array module, with its blobs."""
+
+    def __init__(self, layer, bottom_shapes, bottoms, params, phase, num_tops, seed):
+        from .layer import create_layer
+        from .proto import caffe_pb2
+        from .random import set_random_seed
+
+        self.param = caffe_pb2.LayerParameter()
+        self.param.CopyFrom(_layer_param(layer))
+        phase_value = caffe_pb2.TRAIN if str(phase).upper() in ("TRAIN", "0") else caffe_pb2.TEST
+        self.rng = numpy.random.default_rng(seed)  # draws the bottoms, then the caller's tangents
+        if bottoms is None:
+            bottoms = [self.rng.standard_normal(tuple(s)) for s in (bottom_shapes or [])]
+        self.xp = xp = backend.default_xp()
+        self.bottom_arrays = [numpy.array(backend.to_numpy(b), dtype=numpy.float64) for b in bottoms]
+        self.bottom = []
+        for arr in self.bottom_arrays:
+            blob = Blob(arr.shape, dtype=numpy.float64, xp=xp)
+            blob.data[...] = arr
+            self.bottom.append(blob)
+        self.n_top = num_tops if num_tops is not None else max(len(self.param.top), 1)
+        self.top = [Blob((), dtype=numpy.float64, xp=xp) for _ in range(self.n_top)]
+        set_random_seed(seed)
+        self.layer = create_layer(self.param, phase=phase_value, dtype=numpy.float64, xp=xp)
+        self.layer.SetUp(self.bottom, self.top)
+        if params is not None:
+            for blob, arr in zip(self.layer.blobs, params):
+                blob.data[...] = numpy.asarray(backend.to_numpy(arr), dtype=numpy.float64)
+
+
 def check_gradient(layer, bottom_shapes=None, bottoms=None, params=None, phase="TRAIN",
                    step=1e-3, threshold=1e-3, kink=None, kink_range=-1.0, kink_tolerance=1e-2,
                    check_bottoms=None, check_params=True, num_tops=None, seed=1701,
@@ -104,32 +135,11 @@ def check_gradient(layer, bottom_shapes=None, bottoms=None, params=None, phase="
     ``set_mode_gpu`` / ``backend.set_mode_device``); the differences are
     taken on the host.
     """
-    from .layer import create_layer
-    from .proto import caffe_pb2
     from .random import set_random_seed
 
-    param = caffe_pb2.LayerParameter()
-    param.CopyFrom(_layer_param(layer))
-    phase_value = caffe_pb2.TRAIN if str(phase).upper() in ("TRAIN", "0") else caffe_pb2.TEST
-    rng = numpy.random.default_rng(seed)
-    if bottoms is None:
-        bottoms = [rng.standard_normal(tuple(s)) for s in (bottom_shapes or [])]
-    xp = backend.default_xp()
-    bottom_arrays = [numpy.array(backend.to_numpy(b), dtype=numpy.float64) for b in bottoms]
-    bottom = []
-    for arr in bottom_arrays:
-        blob = Blob(arr.shape, dtype=numpy.float64, xp=xp)
-        blob.data[...] = arr
-        bottom.append(blob)
-    n_top = num_tops if num_tops is not None else max(len(param.top), 1)
-    top = [Blob((), dtype=numpy.float64, xp=xp) for _ in range(n_top)]
-
-    set_random_seed(seed)
-    lay = create_layer(param, phase=phase_value, dtype=numpy.float64, xp=xp)
-    lay.SetUp(bottom, top)
-    if params is not None:
-        for blob, arr in zip(lay.blobs, params):
-            blob.data[...] = numpy.asarray(backend.to_numpy(arr), dtype=numpy.float64)
+    s = _Setup(layer, bottom_shapes, bottoms, params, phase, num_tops, seed)
+    param, rng, xp = s.param, s.rng, s.xp
+    bottom, top, lay = s.bottom, s.top, s.layer
     param_snapshot = [b.data.copy() for b in lay.blobs]
 
     def run_forward():
@@ -227,31 +237,11 @@ def check_jvp(layer, bottom_shapes=None, bottoms=None, params=None, phase="TRAIN
     whose one-sided differences disagree (a kink: ReLU at 0, a max switch) is
     skipped.  Returns a GradientCheckResult (``where`` names ``top[i](...)``).
     """
-    from .layer import create_layer
-    from .proto import caffe_pb2
     from .random import set_random_seed
 
-    param = caffe_pb2.LayerParameter()
-    param.CopyFrom(_layer_param(layer))
-    phase_value = caffe_pb2.TRAIN if str(phase).upper() in ("TRAIN", "0") else caffe_pb2.TEST
-    rng = numpy.random.default_rng(seed)
-    if bottoms is None:
-        bottoms = [rng.standard_normal(tuple(s)) for s in (bottom_shapes or [])]
-    xp = backend.default_xp()
-    bottom_arrays = [numpy.array(backend.to_numpy(b), dtype=numpy.float64) for b in bottoms]
-    bottom = []
-    for arr in bottom_arrays:
-        blob = Blob(arr.shape, dtype=numpy.float64, xp=xp)
-        blob.data[...] = arr
-        bottom.append(blob)
-    n_top = num_tops if num_tops is not None else max(len(param.top), 1)
-    top = [Blob((), dtype=numpy.float64, xp=xp) for _ in range(n_top)]
-    set_random_seed(seed)
-    lay = create_layer(param, phase=phase_value, dtype=numpy.float64, xp=xp)
-    lay.SetUp(bottom, top)
-    if params is not None:
-        for blob, arr in zip(lay.blobs, params):
-            blob.data[...] = numpy.asarray(backend.to_numpy(arr), dtype=numpy.float64)
+    s = _Setup(layer, bottom_shapes, bottoms, params, phase, num_tops, seed)
+    param, rng, xp, bottom_arrays = s.param, s.rng, s.xp, s.bottom_arrays
+    bottom, top, n_top, lay = s.bottom, s.top, s.n_top, s.layer
     param_values = [backend.to_numpy(b.data).copy() for b in lay.blobs]
     if check_bottoms is None:
         check_bottoms = [i for i in range(len(bottom)) if lay.allow_force_backward(i)]
@@ -278,29 +268,114 @@ def check_jvp(layer, bottom_shapes=None, bottoms=None, params=None, phase="TRAIN
     run(0.0)
     result = GradientCheckResult()
     for i in range(n_top):
-        if tuple(numpy.shape(jvp[i])) != tuple(f0[i].shape):
-            raise GradientCheckError("jvp of %s returned shape %s for top %d, the top has %s"
-                                     % (param.type, numpy.shape(jvp[i]), i, f0[i].shape))
-        if jvp[i].dtype != numpy.float64:
-            raise GradientCheckError("jvp of %s returned dtype %s for top %d, not the blob dtype float64"
-                                     % (param.type, jvp[i].dtype, i))
-        num = (fp[i] - fm[i]) / (2 * step)
-        right, left = (fp[i] - f0[i]) / step, (f0[i] - fm[i]) / step
-        kinked = numpy.abs(right - left) > 1e-2 * numpy.maximum(numpy.maximum(abs(right), abs(left)), 1.0)
-        scale = numpy.maximum(numpy.maximum(abs(jvp[i]), abs(num)), 1.0)
-        err = numpy.where(kinked, 0.0, abs(jvp[i] - num) / scale)
-        result.skipped += int(kinked.sum())
-        result.checked += int(err.size - kinked.sum())
-        if err.size:
-            k = int(err.argmax())
-            if err.flat[k] > result.worst_error:
-                result.worst_error = float(err.flat[k])
-                result.worst_where = "top[%d]%s" % (i, tuple(int(v) for v in numpy.unravel_index(k, err.shape)) if err.ndim else "")
-            for k in numpy.flatnonzero(err > threshold)[:20]:
-                result.failures.append(("top[%d]%s" % (i, tuple(int(v) for v in numpy.unravel_index(k, err.shape)) if err.ndim else ""),
-                                        float(jvp[i].flat[k]), float(num.flat[k])))
+        _compare(result, "top[%d]" % i, jvp[i], fp[i], f0[i], fm[i], step, threshold, "jvp of " + param.type)
     if raise_on_failure and result.failures:
         lines = ["%s: jvp %.6g vs numeric %.6g" % f for f in result.failures[:10]]
         raise GradientCheckError("jvp check failed for %s; worst relative error %.3g at %s:\n  %s"
+                                 % (param.type, result.worst_error, result.worst_where, "\n  ".join(lines)))
+    return result
+
+
+def _compare(result, label, got, fp, f0, fm, step, threshold, what):
+    """Element-wise check of ``got`` against the centred difference of
+    fp/fm (values at +h and -h; f0 at 0), skipping kinks (one-sided
+    differences disagreeing); adds to ``result``."""
+    got = numpy.asarray(got)
+    if tuple(got.shape) != tuple(f0.shape):
+        raise GradientCheckError("%s returned shape %s for %s, expected %s" % (what, got.shape, label, f0.shape))
+    if got.dtype != numpy.float64:
+        raise GradientCheckError("%s returned dtype %s for %s, not the blob dtype float64" % (what, got.dtype, label))
+    num = (fp - fm) / (2 * step)
+    right, left = (fp - f0) / step, (f0 - fm) / step
+    kinked = numpy.abs(right - left) > 1e-2 * numpy.maximum(numpy.maximum(abs(right), abs(left)), 1.0)
+    scale = numpy.maximum(numpy.maximum(abs(got), abs(num)), 1.0)
+    err = numpy.where(kinked, 0.0, abs(got - num) / scale)
+    result.skipped += int(kinked.sum())
+    result.checked += int(err.size - kinked.sum())
+
+    def where(k):
+        return "%s%s" % (label, tuple(int(v) for v in numpy.unravel_index(k, err.shape)) if err.ndim else "")
+
+    if err.size:
+        k = int(err.argmax())
+        if err.flat[k] > result.worst_error:
+            result.worst_error, result.worst_where = float(err.flat[k]), where(k)
+        for k in numpy.flatnonzero(err > threshold)[:20]:
+            result.failures.append((where(k), float(got.flat[k]), float(num.flat[k])))
+
+
+def check_hvp(layer, bottom_shapes=None, bottoms=None, params=None, phase="TRAIN", step=1e-4,
+              threshold=1e-4, check_bottoms=None, check_params=True, num_tops=None, seed=1701,
+              raise_on_failure=True):
+    """Check ``layer``'s second-order rule (``Layer.backward_jvp``, what
+    ``Net.hvp`` runs) against centred differences of its backward, in float64.
+
+    Arguments as :func:`check_gradient`.  The top diffs are fixed random
+    ``R`` (the objective ``sum_t <top_t, R_t>``); one random tangent is drawn
+    for every checked bottom and, with ``check_params``, every learned
+    parameter blob.  The rule's derivatives of the bottoms' and parameters'
+    diffs are compared, element by element, with ``(g(x + h t) - g(x - h t))
+    / 2h``, g the backward's diffs; kinks are skipped as in :func:`check_jvp`.
+    Returns a GradientCheckResult (``where`` names ``bottom[i](...)`` or
+    ``param[k](...)``).
+    """
+    from .random import set_random_seed
+    from .second_order import Tangents
+
+    s = _Setup(layer, bottom_shapes, bottoms, params, phase, num_tops, seed)
+    param, rng, xp, bottom_arrays = s.param, s.rng, s.xp, s.bottom_arrays
+    bottom, top, lay = s.bottom, s.top, s.layer
+    param_values = [backend.to_numpy(b.data).copy() for b in lay.blobs]
+    if check_bottoms is None:
+        check_bottoms = [i for i in range(len(bottom)) if lay.allow_force_backward(i)]
+    propagate = [i in check_bottoms for i in range(len(bottom))]
+    learned = [bool(check_params and p) for p in lay.param_propagate_down]
+    tangents = [rng.standard_normal(a.shape) if i in check_bottoms else None for i, a in enumerate(bottom_arrays)]
+    ptangents = [rng.standard_normal(v.shape) if learned[k] else None for k, v in enumerate(param_values)]
+    set_random_seed(seed + 1)
+    lay.Forward(bottom, top)
+    weights = [xp.asarray(rng.standard_normal(t.shape)) for t in top]
+
+    def grads(eps):
+        for blob, v, t in zip(lay.blobs, param_values, ptangents):
+            blob.data[...] = xp.asarray(v + eps * t if t is not None else v)
+        for blob, a, t in zip(bottom, bottom_arrays, tangents):
+            blob.data[...] = xp.asarray(a + eps * t if t is not None else a)
+        set_random_seed(seed + 1)
+        lay.Forward(bottom, top)
+        for b in bottom:
+            b.diff[...] = 0
+        for blob in lay.blobs:
+            blob.diff[...] = 0
+        for t, w in zip(top, weights):
+            t.diff[...] = w
+        lay.Backward(top, propagate, bottom)
+        return ([backend.to_numpy(b.diff).astype(numpy.float64).copy() if p else None
+                 for b, p in zip(bottom, propagate)],
+                [backend.to_numpy(b.diff).astype(numpy.float64).copy() if w else None
+                 for b, w in zip(lay.blobs, learned)])
+
+    fp, fm = grads(step), grads(-step)
+    f0 = grads(0.0)
+    dev = [xp.asarray(t) if t is not None else None for t in tangents]
+    pdev = [xp.asarray(t) if t is not None else None for t in ptangents]
+    set_random_seed(seed + 1)
+    tops_t = lay.jvp(bottom, top, [d if d is not None else xp.zeros(b.shape, dtype=b.dtype)
+                                   for d, b in zip(dev, bottom)], pdev if any(p is not None for p in pdev) else None)
+    lay.Forward(bottom, top)  # the state backward_jvp reads: forward, then backward, at x
+    for t, w in zip(top, weights):
+        t.diff[...] = w
+    lay.Backward(top, propagate, bottom)
+    sb, sp = lay.backward_jvp(top, propagate, bottom, list(weights), Tangents(dev, list(tops_t), pdev))
+    result = GradientCheckResult()
+    for label, got, p, m, z in ([("bottom[%d]" % i, sb[i], fp[0][i], fm[0][i], f0[0][i])
+                                 for i in range(len(bottom)) if propagate[i]] +
+                                [("param[%d]" % k, sp[k], fp[1][k], fm[1][k], f0[1][k])
+                                 for k in range(len(lay.blobs)) if learned[k]]):
+        got = numpy.zeros_like(z) if got is None else backend.to_numpy(got)
+        _compare(result, label, got, p, z, m, step, threshold, "backward_jvp of " + param.type)
+    if raise_on_failure and result.failures:
+        lines = ["%s: rule %.6g vs numeric %.6g" % f for f in result.failures[:10]]
+        raise GradientCheckError("hvp check failed for %s; worst relative error %.3g at %s:\n  %s"
                                  % (param.type, result.worst_error, result.worst_where, "\n  ".join(lines)))
     return result
