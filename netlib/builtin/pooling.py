@@ -65,6 +65,7 @@ import numpy
 
 from .. import accel
 from .. import forward_mode
+from .. import second_order
 from ..errors import ConfigError, ShapeError
 from ..im2col import axis_ranges, pool_clip_last, pool_out_size
 from ..layer import Layer, register_layer
@@ -458,7 +459,9 @@ class PoolingLayer(Layer):
         k = self._accel(x, y, forward=True)
         if self._wants_argmax(top):
             self._compute_argmax(x, y, k)
-        elif self.accel_forward_all and k is not None:
+            return self._finish_max(x, top)
+        self._argmax_valid = False  # an argmax a backward recomputed is of the last input
+        if self.accel_forward_all and k is not None:
             # (by default NumPy: without an argmax its fmax passes are faster)
             k.max_pool_forward(self._planes(x), self._planes(y), self._no_index(), *self._geometry(), False)
         elif self._whole:
@@ -468,6 +471,9 @@ class PoolingLayer(Layer):
         else:
             for c in self._chunks(x.shape):
                 self._offsets_forward("max", self._plan, x[c], y[c])
+        self._finish_max(x, top)
+
+    def _finish_max(self, x, top):
         if len(top) > 1:
             self._write_mask(top[1].data, x.shape[3])
 
@@ -694,6 +700,7 @@ class PoolingLayer(Layer):
 
     # -- backward -----------------------------------------------------------------
     jvp = forward_mode.max_pool_jvp  # MAX: d top = d bottom at each window's argmax; AVE: linear.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
