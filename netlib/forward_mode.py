@@ -92,32 +92,41 @@ def linear_jvp(layer, bottom, top, tangents, param_tangents):
 
 def multilinear_jvp(layer, bottom, top, tangents, param_tangents, bottom_factors=(0,),
                     param_factors=(0,), affine=()):
-    """Sum over factors of forward(factor -> its tangent, biases -> 0), plus
-    forward(first factor -> 0, biases -> their tangents)."""
+    """Sum over factors of forward(factor -> its tangent, biases -> 0), the
+    bias tangents riding on the first such run (the layer is affine in its
+    biases); factors with zero tangents are skipped."""
     xp = layer.xp
     zeros = {k: xp.zeros(layer.blobs[k].shape, dtype=layer.dtype) for k in affine}
+    bias = {k: _param_tangent(layer, param_tangents, k) for k in affine}
+    bias = {k: v for k, v in bias.items() if v is not None}
     out = None
 
     def add(res):
         nonlocal out
         out = res if out is None else [a + b for a, b in zip(out, res)]
 
+    def swap_for(extra):
+        swap = dict(zeros)
+        if out is None:  # the first run carries the bias tangents
+            swap.update(bias)
+        swap.update(extra)
+        return swap
+
     for i in bottom_factors:
+        if not bool(xp.any(tangents[i])):
+            continue
         bots = list(bottom)
         bots[i] = _temp(bottom[i], tangents[i])
-        with _ParamSwap(layer, zeros):
+        with _ParamSwap(layer, swap_for({})):
             add(_run(layer, bots, len(top)))
     for k in param_factors:
         t = _param_tangent(layer, param_tangents, k)
         if t is None:
             continue
-        swap = dict(zeros)
-        swap[k] = t
-        with _ParamSwap(layer, swap):
+        with _ParamSwap(layer, swap_for({k: t})):
             add(_run(layer, bottom, len(top)))
-    bias = {k: _param_tangent(layer, param_tangents, k) for k in affine}
-    if any(v is not None for v in bias.values()):
-        swap = {k: (v if v is not None else zeros[k]) for k, v in bias.items()}
+    if out is None and bias:
+        swap = swap_for({})
         bots = list(bottom)
         if bottom_factors:
             bots[bottom_factors[0]] = _temp(bottom[bottom_factors[0]], xp.zeros(bottom[bottom_factors[0]].shape,
@@ -286,21 +295,25 @@ def max_pool_jvp(layer, bottom, top, tangents, param_tangents):
         layer.fail("has a tangent rule only for MAX and AVE pooling", error=JVPError)
     from .layer import create_layer
     xp = layer.xp
-    probe = getattr(layer, "_jvp_probe", None)
-    if probe is None:
-        param = caffe_pb2.LayerParameter()
-        param.CopyFrom(layer.layer_param)
-        del param.top[:]
-        param.top.extend(["y", "mask"])
-        probe = layer._jvp_probe = create_layer(param, phase=layer.phase, dtype=layer.dtype, xp=xp)
-        probe.SetUp([bottom[0]], [Blob((), dtype=layer.dtype, xp=xp), Blob((), dtype=layer.dtype, xp=xp)])
-    outs = [Blob((), dtype=layer.dtype, xp=xp), Blob((), dtype=layer.dtype, xp=xp)]
-    probe.reshape([bottom[0]], outs)
-    probe.forward([bottom[0]], outs)
-    idx = outs[1].data.astype(numpy.int64)
+    if getattr(layer, "_argmax_valid", False):  # forward kept its argmax (TRAIN): no second pass
+        flat = xp.empty(top[0].shape, dtype=layer.dtype)
+        layer._write_mask(flat, bottom[0].shape[3])
+    else:
+        probe = getattr(layer, "_jvp_probe", None)
+        if probe is None:
+            param = caffe_pb2.LayerParameter()
+            param.CopyFrom(layer.layer_param)
+            del param.top[:]
+            param.top.extend(["y", "mask"])
+            probe = layer._jvp_probe = create_layer(param, phase=layer.phase, dtype=layer.dtype, xp=xp)
+            probe.SetUp([bottom[0]], [Blob((), dtype=layer.dtype, xp=xp), Blob((), dtype=layer.dtype, xp=xp)])
+        outs = [Blob((), dtype=layer.dtype, xp=xp), Blob((), dtype=layer.dtype, xp=xp)]
+        probe.reshape([bottom[0]], outs)
+        probe.forward([bottom[0]], outs)
+        flat = outs[1].data
+    idx = flat.astype(numpy.int64)
     n, c = idx.shape[:2]
-    flat_t = tangents[0].reshape(n, c, -1)
-    out = xp.take_along_axis(flat_t, idx.reshape(n, c, -1), axis=2).reshape(idx.shape)
+    out = xp.take_along_axis(tangents[0].reshape(n, c, -1), idx.reshape(n, c, -1), axis=2).reshape(idx.shape)
     return [out.astype(layer.dtype)] + [xp.zeros(t.shape, dtype=t.dtype) for t in top[1:]]
 
 
