@@ -221,6 +221,19 @@ class Layer:
         from .forward_mode import JVPError
         self.fail("has no forward-mode (jvp) rule", error=JVPError)
 
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, tangents):
+        """Second-order rule (for ``Net.hvp``): the directional derivative of
+        this layer's backward along the inputs' tangents, the top diffs held
+        at ``top_diffs``.  ``tangents`` is a
+        :class:`netlib.second_order.Tangents` (bottom, top and parameter
+        tangents, None for zero); called after ``forward`` and ``backward``
+        on the same blobs.  Returns (per bottom, per parameter blob) lists of
+        arrays or None (zero).  Built-in rules use the helpers of
+        :mod:`netlib.second_order`; check one with
+        :func:`netlib.testing.check_hvp`.  Default: no rule (HVPError)."""
+        from .second_order import HVPError
+        self.fail("has no second-order (hvp) rule", error=HVPError)
+
     def allow_force_backward(self, bottom_index):
         """Whether force_backward may turn on backward to this bottom."""
         return True

@@ -696,6 +696,48 @@ class Net:
         from .forward_mode import run_jvp
         return run_jvp(self, tangents)
 
+    def hvp(self, v, loss=None, weight_decay=0.0, regularization="L2", keep_batch=True):
+        """Hessian-vector product of the loss with respect to the learnable
+        parameters, exact up to rounding (Pearlmutter's R-operator, see
+        :mod:`netlib.second_order`): one forward pass with tangents and one
+        backward pass with the diffs' tangents, about 3 forward+backward.
+
+        ``v``: {(layer name, blob index): array} (parameters left out are 0;
+        a shared parameter is named by any of its layers) or a list aligned
+        with ``net.learnable_params``; the result has the same form, with
+        every learnable parameter.  ``loss``: None for the net's objective
+        (every top with a loss weight, weighted, as training sees it), or a
+        loss blob name (or list) for those alone.  ``weight_decay`` and
+        ``regularization`` add the solver's L2 term ``weight_decay *
+        decay_mult * v`` (L1 adds nothing: its gradient is piecewise
+        constant).  With ``keep_batch`` the data layers are not re-run: the
+        product is at the batch now in the net (run ``net.forward()``
+        first); every other layer is.  Afterwards the net holds that pass's
+        values, and its diffs the gradient, as after ``clear_param_diffs``
+        and ``forward_backward``.  A layer without a second-order rule, a
+        net without a loss or a direction of the wrong shape raises
+        ``netlib.second_order.HVPError``."""
+        from .second_order import run_hvp
+        return run_hvp(self, v, loss, weight_decay, regularization, keep_batch)
+
+    def gnvp(self, v, loss=None, weight_decay=0.0, regularization="L2", keep_batch=True):
+        """Gauss-Newton-vector product ``J^T H_loss J v`` (J: the Jacobian of
+        the loss layers' inputs with respect to the parameters, H_loss the
+        loss layers' own Hessian): as :meth:`hvp` with the second-order
+        terms of every non-loss layer left out.  Positive semi-definite for
+        the softmax and Euclidean losses (plus the L2 term)."""
+        from .second_order import run_hvp
+        return run_hvp(self, v, loss, weight_decay, regularization, keep_batch, gauss_newton=True)
+
+    def jacobian(self, of, wrt, max_columns=1 << 14):
+        """The Jacobian of blob ``of`` with respect to blob ``wrt`` (a name) or
+        a parameter ``(layer name, blob index)``, shaped ``of.shape +
+        wrt.shape``: one forward-mode pass per element of ``wrt`` (at most
+        ``max_columns``), at the batch now in the net (data layers are not
+        re-run)."""
+        from .second_order import run_jacobian
+        return run_jacobian(self, of, wrt, max_columns)
+
     def backward(self, diffs=None, start=None, end=None, **kwargs):
         """pycaffe's backward: ``kwargs`` are output diffs; returns input diffs."""
         diffs = list(diffs or [])

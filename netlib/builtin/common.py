@@ -28,6 +28,7 @@ import numpy
 
 from .. import accel
 from .. import forward_mode
+from .. import second_order
 from ..errors import ConfigError, ShapeError
 from ..fillers import fill, filler_param
 from ..layer import Layer, register_layer
@@ -233,6 +234,7 @@ class InnerProductLayer(Layer):
             y += self.blobs[1].data
 
     jvp = forward_mode.weighted_jvp  # d(W*x + b) = W*dx + dW*x + db (InnerProduct, Convolution, Deconvolution).
+    backward_jvp = second_order.weighted_rop  # d(dL/dx) = dW^T g, d(dL/dW) = g (x) dx.
     def backward(self, top, propagate_down, bottom):
         xp = bottom[0].xp
         dy = top[0].diff.reshape(self.M, self.N)
@@ -284,6 +286,17 @@ class SoftmaxLayer(Layer):
         y /= y.sum(axis=1, keepdims=True)
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """dx = (g - <g, y>) y  gives  d(dx) = (g - <g, y>) dy - <g, dy> y (dy: the top's tangent)."""
+        if not propagate_down[0] or t.top[0] is None:
+            return [None], []
+        xp = self.xp
+        y = top[0].data.reshape(self.view)
+        g, dy = top_diffs[0].reshape(self.view), t.top[0].reshape(self.view)
+        out = (g - xp.einsum("ocj,ocj->oj", g, y)[:, None, :]) * dy - xp.einsum("ocj,ocj->oj", g, dy)[:, None, :] * y
+        return [out.reshape(bottom[0].shape)], []
+
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -346,6 +359,15 @@ class ReductionLayer(Layer):
             y *= self.coeff
 
     jvp = forward_mode.reduction_jvp  # SUM/MEAN linear; ASUM: c*sum(sign(x) dx); SUMSQ: c*sum(2 x dx).
+
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """SUMSQ: dx = 2 c g x gives d(dx) = 2 c g dx; the others' backward does not
+        depend on x (ASUM: piecewise constant sign)."""
+        if self.op != _RED.SUMSQ or not propagate_down[0] or t.bottom[0] is None:
+            return [None], []
+        g = top_diffs[0].reshape(self.num, 1) * self.coeff
+        return [(2 * g * t.bottom[0].reshape(self.num, self.dim)).reshape(bottom[0].shape)], []
+
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -443,6 +465,7 @@ class ArgMaxLayer(Layer):
                 top[0].data.reshape(n, k)[...] = idx[:, :, 0]
 
     jvp = forward_mode.zero_jvp  # d top = 0 (data layers, piecewise constant outputs).
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         _no_backward_to(self, propagate_down, bottom, range(len(bottom)),
                         "ArgMax has no backward")
@@ -499,6 +522,7 @@ class CropLayer(Layer):
         top[0].data[...] = bottom[0].data[self.slices]
 
     jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             dx = bottom[0].diff
@@ -556,6 +580,7 @@ class BatchReindexLayer(Layer):
         xp.take(bottom[0].data, idx, axis=0, out=top[0].data)
 
     jvp = forward_mode.first_bottom_linear_jvp  # d top = d bottom 0 reindexed (the indices have no tangent).
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         _no_backward_to(self, propagate_down, bottom, [1], "cannot backprop to index")
         if not propagate_down[0]:
@@ -621,6 +646,7 @@ class FilterLayer(Layer):
                 xp.take(b.data, self.indices, axis=0, out=t.data)
 
     jvp = forward_mode.filter_jvp  # d top_i = the selected items of d bottom_i.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
 
     def backward(self, top, propagate_down, bottom):
         _no_backward_to(self, propagate_down, bottom, [len(bottom) - 1],
@@ -728,6 +754,7 @@ class BiasLayer(Layer):
         xp.add(bottom[0].data.reshape(self.dims), b, out=top[0].data.reshape(self.dims))
 
     jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0] and bottom[0] is not top[0]:
             bottom[0].diff[...] = top[0].diff
@@ -857,6 +884,7 @@ class ScaleLayer(Layer):
         return not ppd or bool(ppd[0])
 
     jvp = forward_mode.scale_jvp  # d(x*s + b) = dx*s + x*ds + db (s a bottom or a parameter).
+    backward_jvp = second_order.scale_rop  # d(dL/dx) = g ds, d(dL/ds) = sum g dx.
     def backward(self, top, propagate_down, bottom):
         learned = len(bottom) == 1
         scale = self._scale(bottom)
@@ -976,6 +1004,7 @@ class ParameterLayer(Layer):
         top[0].share_diff(blob)
 
     jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         pass
 
@@ -1042,6 +1071,7 @@ class EmbedLayer(Layer):
             y += self.blobs[1].data
 
     jvp = forward_mode.embed_jvp  # d(W[i] + b) = dW[i] + db (the indices have no tangent).
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         _no_backward_to(self, propagate_down, bottom, [0], "can't backpropagate to EmbedLayer input")
         dy = top[0].diff.reshape(self.M, self.N)

@@ -16,6 +16,7 @@ import numpy
 
 from ..errors import ConfigError, LayerError, NetlibFileNotFoundError, ShapeError, WeightsError
 from .. import forward_mode
+from .. import second_order
 from ..fillers import fill
 from ..layer import Layer, register_layer
 from ..random import get_rng
@@ -29,6 +30,7 @@ class _DataLayer(Layer):
     exact_num_bottom_blobs = 0
 
     jvp = forward_mode.zero_jvp  # d top = 0 (data layers)
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
 
     def reshape(self, bottom, top):
         """Data layers shape their tops in setup/forward; nothing to do here."""
@@ -452,6 +454,7 @@ class HDF5OutputLayer(Layer):
     exact_num_top_blobs = 0
 
     jvp = forward_mode.zero_jvp  # no tops.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
 
     def setup(self, bottom, top):
         import h5py

@@ -22,6 +22,7 @@ import numpy
 
 from ..blob import Blob
 from .. import forward_mode
+from .. import second_order
 from ..errors import ConfigError, ShapeError
 from ..files import read_blobproto
 from ..layer import Layer, register_layer
@@ -226,6 +227,25 @@ class SoftmaxWithLossLayer(LossLayer):
         self._write_loss(top, logp, valid)
 
     jvp = forward_mode.scalar_jvp  # d loss = sum_i <d loss / d bottom_i, d bottom_i>.
+
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """dx = w (p - onehot) / norm at the valid positions gives
+        d(dx) = w p (dz - <p, dz>) / norm there (the softmax's Hessian)."""
+        if not propagate_down[0] or t.bottom[0] is None:
+            return [None, None], []
+        xp = self.xp
+        p = self._prob.data.reshape(self._shape3())
+        dz = t.bottom[0].reshape(self._shape3())
+        out = p * (dz - xp.einsum("ocj,ocj->oj", p, dz)[:, None, :])
+        _, valid = self._labels(bottom[1], (self.outer, self.inner), self.channels, bottom)
+        count = self.outer * self.inner
+        if valid is not None:
+            out = out * valid[:, None, :]
+            count = int(valid.sum())
+        norm = _normalizer(self.normalization, self.outer, self.inner, count)
+        out = out * (top_diffs[0].reshape(()) / self.dtype.type(norm))
+        return [out.reshape(bottom[0].shape).astype(self.dtype, copy=False), None], []
+
     def backward(self, top, propagate_down, bottom):
         self._refuse_label_backward(propagate_down, bottom)
         if not propagate_down[0]:
@@ -279,6 +299,17 @@ class EuclideanLossLayer(LossLayer):
         top[0].data[...] = dot / f(bottom[0].shape[0]) / f(2)
 
     jvp = forward_mode.scalar_jvp  # d loss = sum_i <d loss / d bottom_i, d bottom_i>.
+
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """da = w (a - b) / N, db = -da: d(da) = w (d a - d b) / N, d(db) = -d(da)."""
+        da, db = t.bottom
+        if da is None and db is None:
+            return [None, None], []
+        d = da if db is None else (-db if da is None else da - db)
+        d = d.reshape(bottom[0].shape) * (top_diffs[0].reshape(()) / self.dtype.type(bottom[0].shape[0]))
+        return [d if propagate_down[0] else None,
+                (-d).reshape(bottom[1].shape) if propagate_down[1] else None], []
+
     def backward(self, top, propagate_down, bottom):
         n = self.dtype.type(bottom[0].shape[0])
         for i, sign in ((0, 1), (1, -1)):
@@ -349,6 +380,7 @@ class AccuracyLayer(Layer, _LabelMixin):
             per_class[seen] = good[seen].astype(self.dtype) / nums[seen].astype(self.dtype)
 
     jvp = forward_mode.zero_jvp  # d top = 0 (data layers, piecewise constant outputs).
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         if any(propagate_down):
             self.fail("Accuracy has no backward", bottom=bottom)
@@ -410,6 +442,19 @@ class SigmoidCrossEntropyLossLayer(LossLayer):
         top[0].data[...] = self.dtype.type(loss) / self.dtype.type(self._norm)
 
     jvp = forward_mode.scalar_jvp  # d loss = sum_i <d loss / d bottom_i, d bottom_i>.
+
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """dx = w (s - t) / norm gives d(dx) = w s (1 - s) dx / norm (valid positions)."""
+        if not propagate_down[0] or t.bottom[0] is None:
+            return [None, None], []
+        s = self._sig
+        out = s * (1 - s) * t.bottom[0].reshape(s.shape)
+        valid = self._valid(bottom)
+        if valid is not None:
+            out = out * valid
+        out = out * (top_diffs[0].reshape(()) / self.dtype.type(self._norm))
+        return [out.reshape(bottom[0].shape).astype(self.dtype, copy=False), None], []
+
     def backward(self, top, propagate_down, bottom):
         self._refuse_label_backward(propagate_down, bottom)
         if not propagate_down[0]:
@@ -472,6 +517,19 @@ class HingeLossLayer(LossLayer):
         top[0].data[...] = total / f(n)
 
     jvp = forward_mode.scalar_jvp  # d loss = sum_i <d loss / d bottom_i, d bottom_i>.
+
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """L1: piecewise constant gradient (zero); L2: dx = 2 w s m / N with the
+        margin m = max(0, 1 + s x) gives d(dx) = 2 w [m > 0] dx / N."""
+        if (self.norm != caffe_pb2.HingeLossParameter.L2 or not propagate_down[0]
+                or t.bottom[0] is None):
+            return [None, None], []
+        n = bottom[0].shape[0]
+        active = (self._margin > 0).astype(self.dtype)
+        out = active * t.bottom[0].reshape(n, -1) * (top_diffs[0].reshape(()) * self.dtype.type(2)
+                                                      / self.dtype.type(n))
+        return [out.reshape(bottom[0].shape), None], []
+
     def backward(self, top, propagate_down, bottom):
         self._refuse_label_backward(propagate_down, bottom)
         if not propagate_down[0]:
@@ -525,6 +583,22 @@ class MultinomialLogisticLossLayer(LossLayer):
         top[0].data[...] = f(loss) / f(bottom[0].shape[0])
 
     jvp = forward_mode.scalar_jvp  # d loss = sum_i <d loss / d bottom_i, d bottom_i>.
+
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """dp[label] = -w / (N p[label]) gives d(dp[label]) = w dp[label] / (N p[label]^2)
+        (zero where p was clipped at 1e-20)."""
+        if not propagate_down[0] or t.bottom[0] is None:
+            return [None, None], []
+        xp = self.xp
+        n = bottom[0].shape[0]
+        rows, lab, prob = self._pick(bottom)
+        raw = bottom[0].data.reshape(n, -1)[rows, lab]
+        dp = t.bottom[0].reshape(n, -1)[rows, lab]
+        out = xp.zeros((n, bottom[0].count // max(n, 1)), dtype=self.dtype)
+        w = top_diffs[0].reshape(()) / self.dtype.type(n)
+        out[rows, lab] = xp.where(raw > self.dtype.type(LOG_THRESHOLD), w * dp / (prob * prob), 0)
+        return [out.reshape(bottom[0].shape), None], []
+
     def backward(self, top, propagate_down, bottom):
         self._refuse_label_backward(propagate_down, bottom)
         if not propagate_down[0]:

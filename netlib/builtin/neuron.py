@@ -29,6 +29,7 @@ import numpy
 
 from .. import accel
 from .. import forward_mode
+from .. import second_order
 from ..errors import ConfigError, ShapeError
 from ..fillers import fill, filler_param
 from ..layer import Layer, register_layer
@@ -162,6 +163,7 @@ class ReLULayer(NeuronLayer):
             y += t
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -207,6 +209,12 @@ class SigmoidLayer(NeuronLayer):
         y += self._scalar(0.5)
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+    backward_jvp = second_order.neuron_rop  # d(dL/dx) = f''(x) dx g.
+    def second_derivative(self, bottom, top):
+        """f'' = y (1 - y) (1 - 2 y), from the top (in-place safe)."""
+        y = top[0].data
+        return y * (1 - y) * (1 - 2 * y)
+
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             xp = bottom[0].xp
@@ -225,6 +233,12 @@ class TanHLayer(NeuronLayer):
         bottom[0].xp.tanh(bottom[0].data, out=top[0].data)
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+    backward_jvp = second_order.neuron_rop  # d(dL/dx) = f''(x) dx g.
+    def second_derivative(self, bottom, top):
+        """f'' = -2 y (1 - y^2), from the top (in-place safe)."""
+        y = top[0].data
+        return -2 * y * (1 - y * y)
+
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             xp = bottom[0].xp
@@ -276,6 +290,7 @@ class DropoutLayer(NeuronLayer):
         xp.multiply(x, mask, out=y)
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -305,6 +320,7 @@ class AbsValLayer(NeuronLayer):
         bottom[0].xp.abs(bottom[0].data, out=top[0].data)
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             xp = bottom[0].xp
@@ -330,6 +346,13 @@ class BNLLLayer(NeuronLayer):
         top[0].data[...] = xp.maximum(x, 0) + soft
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+    backward_jvp = second_order.neuron_rop  # d(dL/dx) = f''(x) dx g.
+    def second_derivative(self, bottom, top):
+        """f'' = s (1 - s), s = sigmoid(x)."""
+        x = self._bottom_data(bottom, top)
+        s = 0.5 * self.xp.tanh(0.5 * x) + 0.5
+        return s * (1 - s)
+
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             xp = bottom[0].xp
@@ -362,6 +385,12 @@ class ELULayer(NeuronLayer):
         y += neg
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+    backward_jvp = second_order.neuron_rop  # d(dL/dx) = f''(x) dx g.
+    def second_derivative(self, bottom, top):
+        """f'' = 0 for x > 0, else alpha e^x = y + alpha (the sign read as backward does)."""
+        x, y = bottom[0].data, top[0].data
+        return self.xp.where(x > 0, self._scalar(0), y + self._scalar(self.alpha))
+
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             xp = bottom[0].xp
@@ -414,6 +443,11 @@ class ExpLayer(NeuronLayer):
             y *= self._scalar(self.outer_scale)
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+    backward_jvp = second_order.neuron_rop  # d(dL/dx) = f''(x) dx g.
+    def second_derivative(self, bottom, top):
+        """f'' = inner^2 y, inner = scale ln(base), from the top."""
+        return self._scalar(self.inner_scale * self.inner_scale) * top[0].data
+
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             dx = bottom[0].diff
@@ -457,6 +491,12 @@ class LogLayer(NeuronLayer):
             y *= self._scalar(self.base_scale)
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+    backward_jvp = second_order.neuron_rop  # d(dL/dx) = f''(x) dx g.
+    def second_derivative(self, bottom, top):
+        """f'' = -(scale / ln base) scale / (shift + scale x)^2."""
+        z = self._affine(self._bottom_data(bottom, top))
+        return self._scalar(-self.backward_num_scale * self.input_scale) / (z * z)
+
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             z = self._affine(self._bottom_data(bottom, top))
@@ -505,6 +545,20 @@ class PowerLayer(NeuronLayer):
                 xp.power(y, self._scalar(self.power), out=y)
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+    backward_jvp = second_order.neuron_rop  # d(dL/dx) = f''(x) dx g.
+    def second_derivative(self, bottom, top):
+        """f'' = power (power - 1) scale^2 (shift + scale x)^(power - 2); 0 in
+        Caffe's constant-gradient cases (power * scale == 0, power == 1)."""
+        if self.diff_scale == 0 or self.power == 1:
+            return None
+        x = self._bottom_data(bottom, top)
+        z = x * self._scalar(self.scale) + self._scalar(self.shift)
+        c = self._scalar(self.power * (self.power - 1) * self.scale * self.scale)
+        if self.power == 2:
+            return c * self.xp.ones_like(z)
+        with numpy.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return c * z ** self._scalar(self.power - 2)
+
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -554,6 +608,7 @@ class ThresholdLayer(NeuronLayer):
         return False
 
     jvp = forward_mode.zero_jvp  # d top = 0 (data layers, piecewise constant outputs).
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         if any(propagate_down):
             self.fail("Threshold has no backward (it is a step function)", bottom=bottom)
@@ -583,6 +638,7 @@ class ClipLayer(NeuronLayer):
         xp.maximum(y, self._scalar(self.min), out=y)
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             x = self._bottom_data(bottom, top)
@@ -617,6 +673,12 @@ class SwishLayer(NeuronLayer):
         xp.multiply(x, s, out=top[0].data)
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+    backward_jvp = second_order.neuron_rop  # d(dL/dx) = f''(x) dx g.
+    def second_derivative(self, bottom, top):
+        """f'' = beta (1 - s) (beta y + 2 s (1 - beta y)), s = sigmoid(beta x), from the top and s."""
+        s, by = self._sig, self._scalar(self.beta) * top[0].data
+        return self._scalar(self.beta) * (1 - s) * (by + 2 * s * (1 - by))
+
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             by = top[0].data * self._scalar(self.beta)
@@ -679,6 +741,22 @@ class PReLULayer(NeuronLayer):
             out = out + xp.minimum(x, 0) * da
         return [out.astype(self.dtype, copy=False)]
 
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """Bilinear in (a, min(x, 0)) with the mask x <= 0 fixed: d(dL/dx) =
+        g da [x <= 0], d(dL/da) = sum g dx [x <= 0] over the channel."""
+        xp = self.xp
+        x = self._bottom_data(bottom, top)
+        neg = (x <= 0).astype(self.dtype)
+        g = top_diffs[0]
+        db = dp = None
+        da = t.params[0] if t.params else None
+        if propagate_down[0] and da is not None:
+            db = g * neg * da.reshape(self._slope(x.shape).shape)
+        if self.param_propagate_down[0] and t.bottom[0] is not None:
+            h = g * neg * t.bottom[0]
+            dp = h.sum().reshape(()) if self.channel_shared else h.sum(axis=(0,) + tuple(range(2, h.ndim)))
+            dp = xp.asarray(dp, dtype=self.dtype).reshape(self.blobs[0].shape)
+        return [db], [dp]
 
     def backward(self, top, propagate_down, bottom):
         xp = bottom[0].xp

@@ -77,6 +77,7 @@ import numpy
 
 from .. import accel
 from .. import forward_mode
+from .. import second_order
 from ..errors import ConfigError, ShapeError
 from ..im2col import col2im, geometry, im2col
 from ..layer import Layer, register_layer
@@ -390,6 +391,28 @@ class BatchNormLayer(Layer):
         var_sum[...] = corr * var.reshape(var_sum.shape) + maf * var_sum
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """Global statistics: linear, zero.  Batch statistics, per channel over
+        the m = N*S values, y = z / std: dx = (g - mean g - y mean(g y)) / std
+        gives d(dx) = -mean(y dx) dx / std - (dy mean(g y) + y mean(g dy)) / std,
+        dx on the right the gradient itself and dy the top's tangent."""
+        if self.use_global_stats or not propagate_down[0] or t.bottom[0] is None:
+            return [None], [None] * len(self.blobs)
+        std = self._std.reshape(1, -1, 1)
+        z = self._z if self._z is not None else self._view(bottom[0].data) - self._mean.reshape(1, -1, 1)
+        y = z / std
+        g, dx = self._view(top_diffs[0]), self._view(t.bottom[0])
+
+        def mean(a):
+            return a.mean(axis=(0, 2), keepdims=True)
+
+        dy = self._view(t.top[0]) if t.top[0] is not None else (dx - mean(dx) - y * mean(y * dx)) / std
+        gy = mean(g * y)
+        grad = (g - mean(g) - y * gy) / std
+        out = -mean(y * dx) * grad / std - (dy * gy + y * mean(g * dy)) / std
+        return [out.reshape(bottom[0].shape).astype(self.dtype, copy=False)], [None] * len(self.blobs)
+
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -595,6 +618,8 @@ class SPPLayer(Layer):
             y[:, start:start + width] = out.data.reshape(out.shape[0], width)
             start += width
 
+    backward_jvp = second_order.zero_rop  # its levels' pooling (MAX, AVE) and concatenation: piecewise linear.
+
     def jvp(self, bottom, top, tangents, param_tangents):
         """d top = the levels' pooling tangents, flattened and concatenated."""
         parts = [layer.jvp([src], [out], tangents, None)[0] for layer, src, out in self._levels]
@@ -695,6 +720,7 @@ class Im2colLayer(Layer):
                out=col)
 
     jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return

@@ -16,6 +16,7 @@ import numpy
 
 from ..errors import ConfigError, ShapeError
 from .. import forward_mode
+from .. import second_order
 from ..layer import Layer, register_layer
 from ..proto import caffe_pb2
 from .common import _canonical_axis, _prod
@@ -50,6 +51,7 @@ class SplitLayer(Layer):
         pass  # the tops share the bottom's data
 
     jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -95,6 +97,7 @@ class FlattenLayer(Layer):
         pass
 
     jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         pass  # diff is shared
 
@@ -196,6 +199,7 @@ class ReshapeLayer(Layer):
         pass
 
     jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         pass  # diff is shared
 
@@ -266,6 +270,7 @@ class ConcatLayer(Layer):
             off += n
 
     jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         if len(bottom) == 1:
             return
@@ -353,6 +358,7 @@ class SliceLayer(Layer):
             off += n
 
     jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0] or len(top) == 1:
             return
@@ -476,6 +482,15 @@ class EltwiseLayer(Layer):
                     xp.maximum(y, x, out=y)
 
     jvp = forward_mode.eltwise_jvp  # SUM linear; PROD: sum_i dx_i prod_{j!=i} x_j; MAX: dx at the argmax bottom.
+
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """PROD is multilinear in its bottoms (d(dx_i) = g sum_{j != i} dx_j prod_{k != i, j} x_k);
+        SUM and MAX backwards do not depend on the values (MAX: the winner fixed)."""
+        if self.op != _ELT.PROD:
+            return second_order.zero_rop(self, top, propagate_down, bottom, top_diffs, t)
+        return second_order.multilinear_rop(self, top, propagate_down, bottom, top_diffs, t,
+                                            tuple(range(len(bottom))), (), refresh=not self.stable_prod_grad)
+
     def backward(self, top, propagate_down, bottom):
         xp = top[0].xp
         in_place = top[0] is bottom[0]
@@ -532,6 +547,7 @@ class SilenceLayer(Layer):
         pass
 
     jvp = forward_mode.zero_jvp  # no tops.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
 
     def backward(self, top, propagate_down, bottom):
         for b, p in zip(bottom, propagate_down):
@@ -573,6 +589,7 @@ class TileLayer(Layer):
             bottom[0].data.reshape(self.outer, 1, self.inner)
 
     jvp = forward_mode.linear_jvp  # d top = forward(d bottom, d params): the layer is linear in both.
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return

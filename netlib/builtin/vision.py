@@ -46,6 +46,7 @@ Convolution / Deconvolution (``convolution_param``)
 """
 from ..errors import ConfigError, ShapeError
 from .. import forward_mode
+from .. import second_order
 from ..fillers import fill, filler_param
 from ..im2col import (col2im, col2im_batch_last, conv_out_size, deconv_out_size, im2col,
                       im2col_batch_last, padded_extent)
@@ -597,6 +598,7 @@ class ConvolutionLayer(_BaseConvolutionLayer):
                               dx=dx, dw=dw, db=db)
 
     jvp = forward_mode.weighted_jvp  # d(W*x + b) = W*dx + dW*x + db (InnerProduct, Convolution, Deconvolution).
+    backward_jvp = second_order.weighted_rop  # d(dL/dx) = dW^T g, d(dL/dW) = g (x) dx.
     def backward(self, top, propagate_down, bottom):
         if self._dw is not None:
             self._backward_depthwise(top, propagate_down, bottom)
@@ -630,6 +632,7 @@ class DeconvolutionLayer(_BaseConvolutionLayer):
             self._add_bias(t.data)
 
     jvp = forward_mode.weighted_jvp  # d(W*x + b) = W*dx + dW*x + db (InnerProduct, Convolution, Deconvolution).
+    backward_jvp = second_order.weighted_rop  # d(dL/dx) = dW^T g, d(dL/dW) = g (x) dx.
     def backward(self, top, propagate_down, bottom):
         need_w = self.param_propagate_down[0]
         dW = self.blobs[0].diff.reshape(self.group, self.ocg, self.kg) if need_w else None

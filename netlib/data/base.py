@@ -21,6 +21,7 @@ import numpy
 
 from ..errors import ConfigError
 from .. import forward_mode
+from .. import second_order
 from ..layer import Layer
 from ..parallel import shard
 from ..random import get_rng
@@ -43,6 +44,7 @@ class PrefetchingDataLayer(Layer):
     max_top_blobs = 2
 
     jvp = forward_mode.zero_jvp  # d top = 0 (data layers)
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
 
     def setup(self, bottom, top):
         self.output_labels = len(top) == 2

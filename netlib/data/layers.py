@@ -14,6 +14,7 @@ import numpy
 
 from ..errors import ConfigError, NetlibFileNotFoundError, ShapeError
 from .. import forward_mode
+from .. import second_order
 from ..layer import register_layer
 from .base import PrefetchingDataLayer
 from .datum import datum_shape, datum_to_array, parse_datum, raw_datum
@@ -254,4 +255,5 @@ class ImageDataLayer(PrefetchingDataLayer):
         labels = numpy.asarray([self.lines[i][1] for i in lines], dtype=self.dtype)
         return out, labels
     jvp = forward_mode.zero_jvp  # d top = 0 (data layers, piecewise constant outputs).
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
 

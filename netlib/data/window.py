@@ -35,6 +35,7 @@ import numpy
 
 from ..errors import ConfigError, NetlibFileNotFoundError, ParseError, ShapeError
 from .. import forward_mode
+from .. import second_order
 from ..layer import register_layer
 from .base import PrefetchingDataLayer
 from . import image as _image
@@ -267,3 +268,4 @@ class WindowDataLayer(PrefetchingDataLayer):
                 item += 1
         return out, labels
     jvp = forward_mode.zero_jvp  # d top = 0 (data layers, piecewise constant outputs).
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.

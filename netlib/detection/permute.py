@@ -1,6 +1,7 @@
 """Permute (SSD fork): transpose a blob's axes."""
 from ..errors import ConfigError
 from .. import forward_mode
+from .. import second_order
 from ..layer import Layer, register_layer
 
 
@@ -70,6 +71,7 @@ class PermuteLayer(Layer):
             top[0].data[...] = bottom[0].data.transpose(self.order)
 
     jvp = forward_mode.linear_jvp  # d top = permute(d bottom).
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0] and not self.identity:

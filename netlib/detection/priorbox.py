@@ -5,6 +5,7 @@ import numpy
 
 from ..errors import ConfigError, ShapeError
 from .. import forward_mode
+from .. import second_order
 from ..layer import Layer, register_layer
 
 
@@ -53,6 +54,7 @@ class PriorBoxLayer(Layer):
     exact_num_top_blobs = 1
 
     jvp = forward_mode.zero_jvp  # d top = 0 (the priors depend only on shapes).
+    backward_jvp = second_order.zero_rop  # the backward does not depend on the inputs' values: no second-order term.
 
     def setup(self, bottom, top):
         p = self.layer_param.prior_box_param
