@@ -28,13 +28,13 @@ SECTIONS = [
         "Detector", "set_python_layers_allowed"]),
     ("`Net`", "netlib.Net", [
         "__init__", "blobs", "params", "layers", "layer_dict", "_layer_names", "_blob_names", "inputs", "outputs",
-        "top_names", "bottom_names", "blob_loss_weights", "forward", "backward", "jvp", "forward_all",
+        "top_names", "bottom_names", "blob_loss_weights", "forward", "backward", "jvp", "hvp", "gnvp", "jacobian", "forward_all",
         "forward_backward_all", "_forward", "_backward", "reshape", "set_input_arrays", "copy_from", "share_with",
         "save", "save_hdf5", "to_onnx", "load_hdf5", "clear_param_diffs", "before_forward", "after_forward",
         "before_backward", "after_backward", "close", "reuse_memory", "memory_estimate", "memory_usage"]),
     ("`Blob`", "netlib.Blob", [
         "data", "diff", "shape", "reshape", "count", "count_axes", "num", "channels", "height", "width"]),
-    ("`Layer` (Python layers)", "netlib.Layer", ["setup", "reshape", "forward", "backward", "jvp", "blobs", "type"]),
+    ("`Layer` (Python layers)", "netlib.Layer", ["setup", "reshape", "forward", "backward", "jvp", "backward_jvp", "blobs", "type"]),
     ("Solvers (`SGDSolver` and the others)", "netlib.Solver", [
         "net", "test_nets", "iter", "param", "lr", "step", "solve", "restore", "snapshot", "apply_update",
         "add_callback", "share_weights"]),
@@ -54,7 +54,7 @@ SECTIONS = [
     ("`caffe.coord_map`", "netlib.coord_map", ["coord_map_from_to", "crop", "conv_params", "crop_params",
                                                "coord_map", "compose", "inverse"]),
     ("Running unchanged `import caffe` code", "netlib.compat", ["run", "install", "uninstall"]),
-    ("Checking a layer's gradient and jvp", "netlib.testing", ["check_gradient", "check_jvp"]),
+    ("Checking a layer's gradient, jvp and hvp rules", "netlib.testing", ["check_gradient", "check_jvp", "check_hvp"]),
     ("Optional compiled kernels (`netlib.accel`, numba)", "netlib.accel", [
         "available", "enabled", "set_enabled", "kernels", "kernels_for", "status"]),
 ]
