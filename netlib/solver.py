@@ -544,6 +544,18 @@ class Solver(abc.ABC):
             self.smoothed_loss = f(f(self.smoothed_loss) + f(f(loss - self.losses[idx]) / f(average_loss)))
             self.losses[idx] = loss
 
+    def hvp(self, v, loss=None, keep_batch=True):
+        """``H v`` of the objective this solver minimises on its train net: the
+        net's losses plus the solver's regularization (``weight_decay``,
+        ``regularization_type``); see :meth:`netlib.Net.hvp`."""
+        return self.net.hvp(v, loss=loss, weight_decay=self.param.weight_decay,
+                            regularization=self.param.regularization_type, keep_batch=keep_batch)
+
+    def gnvp(self, v, loss=None, keep_batch=True):
+        """The Gauss-Newton product of the same objective (:meth:`netlib.Net.gnvp`)."""
+        return self.net.gnvp(v, loss=loss, weight_decay=self.param.weight_decay,
+                             regularization=self.param.regularization_type, keep_batch=keep_batch)
+
     def step(self, iters):
         """Run ``iters`` iterations (Caffe's Solver::Step)."""
         f = self.f

@@ -409,3 +409,28 @@ def test_rules_and_hvp_use_the_blob_array_module(on_fake):
     num = _fd_hvp(net, v, 1e-3)
     err = max(numpy.abs(a - n).max() for a, n in zip(hv, num)) / max(numpy.abs(n).max() for n in num)
     assert err < 1e-6
+
+
+def test_solver_hvp_adds_its_regularization(tmp_path):
+    """Solver.hvp is the net's hvp plus weight_decay * decay_mult * v (L2); L1 adds nothing."""
+    net_text = """
+    layer { name: "in" type: "Input" top: "x" top: "t" input_param { shape { dim: 3 dim: 4 } shape { dim: 3 dim: 2 } } }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" param { decay_mult: 1 } param { decay_mult: 0 }
+            inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }
+    layer { name: "act" type: "TanH" bottom: "y" top: "y" }
+    layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
+    """
+    (tmp_path / "net.prototxt").write_text(net_text)
+    for reg, expect in (("L2", 0.01), ("L1", 0.0)):
+        (tmp_path / "solver.prototxt").write_text(
+            'net: "%s" base_lr: 0.1 lr_policy: "fixed" weight_decay: 0.01 regularization_type: "%s" max_iter: 1'
+            % (tmp_path / "net.prototxt", reg))
+        solver = netlib.get_solver(str(tmp_path / "solver.prototxt"))
+        rng = numpy.random.default_rng(0)
+        solver.net.blobs["x"].data[...] = rng.normal(size=(3, 4))
+        solver.net.blobs["t"].data[...] = rng.normal(size=(3, 2))
+        v = [rng.normal(size=p.shape).astype(numpy.float32) for p in solver.net.learnable_params]
+        with_reg, plain = solver.hvp(v), solver.net.hvp(v)
+        numpy.testing.assert_allclose(with_reg[0] - plain[0], expect * v[0], rtol=1e-4, atol=1e-6)
+        numpy.testing.assert_allclose(with_reg[1], plain[1], rtol=0, atol=0)  # decay_mult 0
+        assert len(solver.gnvp(v)) == 2
