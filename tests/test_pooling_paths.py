@@ -421,3 +421,27 @@ def test_inference_stays_on_numpy_unless_asked():
     finally:
         accel.set_enabled(old)
         accel.set_inference(old_inf)
+
+
+def test_test_phase_force_backward_uses_this_inputs_argmax():
+    """TEST phase with force_backward: forward keeps no argmax, backward recomputes it; the next forward
+    (new data, same shapes) must not leave the previous input's argmax in use (it did: a stale route)."""
+    import netlib
+    from netlib.proto import caffe_pb2
+    text = """force_backward: true
+    layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }
+    layer { name: "p" type: "Pooling" bottom: "x" top: "y" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }"""
+    net = netlib.Net(text_format.Parse(text, caffe_pb2.NetParameter()), caffe_pb2.TEST)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x = rng.normal(size=(2, 3, 6, 6)).astype(np.float32)
+        net.blobs["x"].data[...] = x
+        net.forward()
+        net.blobs["y"].diff[...] = 1
+        net.backward()
+        windows = x.reshape(2, 3, 3, 2, 3, 2).transpose(0, 1, 2, 4, 3, 5).reshape(2, 3, 3, 3, 4)
+        first = windows.argmax(axis=-1)  # first maximum in raster order, as Caffe
+        ref = np.zeros((2, 3, 3, 3, 4), np.float32)
+        np.put_along_axis(ref, first[..., None], 1, axis=-1)
+        ref = ref.reshape(2, 3, 3, 3, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(2, 3, 6, 6)
+        np.testing.assert_array_equal(net.blobs["x"].diff, ref)
