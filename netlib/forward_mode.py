@@ -43,11 +43,29 @@ def _temp(like, array):
     return b
 
 
+class kept_state:
+    """Run a layer on scratch blobs without disturbing what its own forward
+    left for its backward: the layer's attributes (flags such as Scale's
+    kept-input mark, cached shapes, buffer references) are put back on exit.
+    Scratch runs are never in place, so they write no buffer a backward
+    reads."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __enter__(self):
+        self.saved = dict(self.layer.__dict__)
+        return self
+
+    def __exit__(self, *exc):
+        self.layer.__dict__.update(self.saved)
+
+
 def _run(layer, bottom, n_top):
     tops = [Blob((), dtype=layer.dtype, xp=layer.xp) for _ in range(n_top)]
-    layer.reshape(bottom, tops)
-    layer.forward(bottom, tops)
-    layer.invalidate_reshape()  # what reshape cached refers to the scratch blobs
+    with kept_state(layer):
+        layer.reshape(bottom, tops)
+        layer.forward(bottom, tops)
     return [t.data.copy() for t in tops]
 
 
@@ -162,7 +180,8 @@ def _backward_with(layer, bottom, top, top_diffs, propagate):
         s.diff[...] = 0
         bots.append(s)
     try:
-        layer.backward(tops, propagate, bots)
+        with kept_state(layer):
+            layer.backward(tops, propagate, bots)
     finally:
         for b, d in saved:
             b.diff[...] = d
@@ -228,7 +247,9 @@ def forward_tangents(net, blob_tan, param_tan, rerun=None, record=None):
 
     ``blob_tan`` maps blob names to tangents, ``param_tan`` maps (layer
     index, blob index) to tangents.  A layer runs ``Forward`` unless
-    ``rerun(i)`` is false (its tops keep their values), then its jvp rule;
+    ``rerun(i)`` is false (its tops keep their values), then its jvp rule
+    (an in-place layer's rule gets a copy of its input taken before the
+    forward, so it never reads the output in place of the input);
     a layer whose inputs all have zero tangents gets zero (None) tangents
     without running its rule (the rules are linear in the tangents).  With
     ``record`` (a list), appends (bottom tangents, top tangents, parameter
@@ -244,14 +265,19 @@ def forward_tangents(net, blob_tan, param_tan, rerun=None, record=None):
         net._memory.prepare(0, len(net.layers) - 1, ())  # as Net.forward does
     for i, layer in enumerate(net.layers):
         bottom, top = net.bottom_vecs[i], net.top_vecs[i]
-        if rerun is None or rerun(i):
-            layer.Forward(bottom, top)
         bt = [current.get(bid) for bid in net.bottom_ids[i]]
         pt = [param_tan.get((i, k)) for k in range(len(layer.blobs))]
-        if all(t is None for t in bt) and all(p is None for p in pt):
+        active = any(t is not None for t in bt) or any(p is not None for p in pt)
+        inputs = bottom
+        if rerun is None or rerun(i):
+            if active and any(b is t for b in bottom for t in top):
+                # in place: the rule sees the input as it was (a copy), the layer as out of place
+                inputs = [_temp(b, b.data) if any(b is t for t in top) else b for b in bottom]
+            layer.Forward(bottom, top)
+        if not active:
             out = [None] * len(top)
         else:
-            out = layer.jvp(bottom, top, [t if t is not None else xp.zeros(b.shape, dtype=b.dtype)
+            out = layer.jvp(inputs, top, [t if t is not None else xp.zeros(b.shape, dtype=b.dtype)
                                           for t, b in zip(bt, bottom)],
                             pt if any(p is not None for p in pt) else None)
         for j, tid in enumerate(net.top_ids[i]):
