@@ -705,7 +705,9 @@ class Net:
         ``v``: {(layer name, blob index): array} (parameters left out are 0;
         a shared parameter is named by any of its layers) or a list aligned
         with ``net.learnable_params``; the result has the same form, with
-        every learnable parameter.  ``loss``: None for the net's objective
+        every learnable parameter.  Parameters no layer computes a gradient
+        for (``lr_mult: 0``, BatchNorm's statistics) are held fixed: their
+        directions are ignored and their rows are zero.  ``loss``: None for the net's objective
         (every top with a loss weight, weighted, as training sees it), or a
         loss blob name (or list) for those alone.  ``weight_decay`` and
         ``regularization`` add the solver's L2 term ``weight_decay *
@@ -733,8 +735,9 @@ class Net:
         """The Jacobian of blob ``of`` with respect to blob ``wrt`` (a name) or
         a parameter ``(layer name, blob index)``, shaped ``of.shape +
         wrt.shape``: one forward-mode pass per element of ``wrt`` (at most
-        ``max_columns``), at the batch now in the net (data layers are not
-        re-run)."""
+        ``max_columns``), at the batch now in the net: every layer but the
+        data sources re-runs per column (in TRAIN, BatchNorm's running
+        averages advance as with any forward)."""
         from .second_order import run_jacobian
         return run_jacobian(self, of, wrt, max_columns)
 

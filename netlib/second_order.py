@@ -35,7 +35,7 @@ import collections
 import numpy
 
 from .blob import Blob
-from .forward_mode import JVPError, forward_tangents
+from .forward_mode import JVPError, forward_tangents, kept_state
 
 
 class HVPError(JVPError):
@@ -95,6 +95,7 @@ def backward_parts(layer, bottom, top, top_diffs, propagate, want_params, bottom
             s.share_data(b)
         s.diff  # allocated as zeros
         bots.append(s)
+    state = kept_state(layer).__enter__()
     saved_ppd = list(layer.param_propagate_down)
     saved = []
     try:
@@ -120,8 +121,7 @@ def backward_parts(layer, bottom, top, top_diffs, propagate, want_params, bottom
                 blob.diff[...] = diff
             if data is not None:
                 blob.data[...] = data
-        if refresh or bottom_data:
-            layer.invalidate_reshape()  # what reshape cached refers to the scratch blobs
+        state.__exit__()  # what the layer's own forward left for its backward
     bdiffs = [b.diff if p else None for b, p in zip(bots, propagate)]  # the scratch blobs' own
     return bdiffs, pdiffs
 
@@ -289,6 +289,9 @@ def run_hvp(net, v, loss=None, weight_decay=0.0, regularization="L2", keep_batch
     weighted, chosen = _loss_layers(net, loss)
     directions, as_list = _directions(net, v)
     pmap = _param_map(net)
+    # parameters no layer computes a gradient for (lr_mult 0, BatchNorm's statistics) are held fixed
+    learned = {l for (li, k), l in pmap.items() if net.layers[li].param_propagate_down[k]}
+    directions = {l: d for l, d in directions.items() if l in learned}
     param_tan = {key: directions[l] for key, l in pmap.items() if l in directions}
     xp = net.xp
     # the objective: the chosen losses (the others' top diffs zeroed for this pass)
@@ -342,7 +345,8 @@ def run_hvp(net, v, loss=None, weight_decay=0.0, regularization="L2", keep_batch
                 hv[l] = _add(hv[l], net.dtype.type(local) * d)
     elif weight_decay and str(regularization).upper() != "L1":
         raise HVPError("hvp: unknown regularization %r (L2 or L1)" % (regularization,))
-    out = [h if h is not None else xp.zeros(p.shape, dtype=p.dtype) for h, p in zip(hv, net.learnable_params)]
+    out = [h if h is not None and l in learned else xp.zeros(p.shape, dtype=p.dtype)
+           for l, (h, p) in enumerate(zip(hv, net.learnable_params))]
     out = [o.astype(net.dtype, copy=False) for o in out]
     if as_list:
         return out
@@ -371,17 +375,14 @@ def run_jacobian(net, of, wrt, max_columns=1 << 14):
     oid = net._blob_names.index(of)
     out_shape = tuple(net.blobs[of].shape)
     jac = xp.zeros((int(numpy.prod(out_shape)) if out_shape else 1, n), dtype=dtype)
-    for i, layer in enumerate(net.layers):  # the values at the current batch
-        if _rerun(net, i):
-            layer.Forward(net.bottom_vecs[i], net.top_vecs[i])
     for c in range(n):
         e = xp.zeros(n, dtype=dtype)
         e[c] = 1
         e = e.reshape(shape)
         if isinstance(wrt, tuple):
-            cur = forward_tangents(net, {}, {(li, k): e}, rerun=lambda i: False)
+            cur = forward_tangents(net, {}, {(li, k): e}, rerun=lambda i: _rerun(net, i))
         else:
-            cur = forward_tangents(net, {wrt: e}, {}, rerun=lambda i: False)
+            cur = forward_tangents(net, {wrt: e}, {}, rerun=lambda i: _rerun(net, i))
         col = cur.get(oid)
         if col is not None:
             jac[:, c] = col.reshape(-1)
