@@ -385,21 +385,30 @@ def filter_jvp(layer, bottom, top, tangents, param_tangents):
 
 
 def lrn_jvp(layer, bottom, top, tangents, param_tangents):
-    """ACROSS_CHANNELS: dy = dx s^-b - b x s^(-b-1) (a/n) win(2 x dx), s = k + (a/n) win(x^2)."""
-    from .proto import caffe_pb2
-    if layer.region != caffe_pb2.LRNParameter.ACROSS_CHANNELS:
-        layer.fail("has a tangent rule only for ACROSS_CHANNELS", error=JVPError)
+    """y = x s^-b gives dy = dx s^-b - b x s^(-b-1) ds, with
+    ACROSS_CHANNELS: s = k + (a/n) win(x^2), ds = (a/n) win(2 x dx) (win: the
+    zero-padded channel window of n); WITHIN_CHANNEL: s = 1 + (a/n^2)
+    box(x^2), ds = (a/n^2) box(2 x dx) (box: the zero-padded n x n window)."""
     xp = layer.xp
     x, dx = bottom[0].data, tangents[0]
-    n, size, pre = x.shape[1], layer.size, layer.pre_pad
+    size, pre = layer.size, layer.pre_pad
+    if layer.across:
+        n = x.shape[1]
 
-    def win(v):
-        pad = [(0, 0)] * v.ndim
-        pad[1] = (pre + 1, size - 1 - pre)
-        c = xp.cumsum(xp.pad(v, pad), axis=1)
-        return c[:, size:size + n] - c[:, :n]
+        def win(v):
+            pad = [(0, 0)] * v.ndim
+            pad[1] = (pre + 1, size - 1 - pre)
+            c = xp.cumsum(xp.pad(v, pad), axis=1)
+            return c[:, size:size + n] - c[:, :n]
 
-    a = layer.alpha / size
-    s = layer.k + a * win(x * x)
+        a, k = layer.alpha / size, layer.k
+    else:
+        H, W = x.shape[2:]
+
+        def win(v):
+            return layer._box(xp.pad(v, [(0, 0), (0, 0), (pre, pre), (pre, pre)]), H, W, xp)
+
+        a, k = layer.alpha / (size * size), 1.0
+    s = k + a * win(x * x)
     out = dx * s ** -layer.beta - layer.beta * x * s ** (-layer.beta - 1) * a * win(2 * x * dx)
     return [out.astype(layer.dtype, copy=False)]

@@ -82,6 +82,8 @@ CASES = [
     ('type: "SPP" spp_param { pyramid_height: 1 pool: MAX }', [(1, 2, 4, 4)]),
     ('type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 k: 1.5 }', [(2, 5, 2, 2)]),
     ('type: "LRN" lrn_param { local_size: 5 alpha: 0.3 beta: 0.6 }', [(2, 4, 3, 1)]),
+    ('type: "LRN" lrn_param { norm_region: WITHIN_CHANNEL local_size: 3 alpha: 0.5 beta: 0.75 }', [(2, 2, 4, 5)]),
+    ('type: "LRN" lrn_param { norm_region: WITHIN_CHANNEL local_size: 5 alpha: 2 beta: 0.6 }', [(1, 3, 3, 2)]),
     ('type: "PReLU" prelu_param { filler { type: "gaussian" } }', [(2, 3, 4)]),
     ('type: "PReLU" prelu_param { channel_shared: true filler { type: "gaussian" } }', [(2, 3, 4)]),
     ('type: "Permute" permute_param { order: 0 order: 2 order: 1 }', [(2, 3, 4)]),
@@ -123,8 +125,6 @@ def test_check_jvp_log_and_losses():
     check_jvp('type: "LSTMUnit" top: "c" top: "h"', bottoms=[rng.normal(size=(1, 3, 2)), rng.normal(size=(1, 3, 8)),
                                                           numpy.array([[1, 0, 1.0]])], check_bottoms=[0, 1])
     check_jvp('type: "Silence"', bottom_shapes=[(2, 3)], num_tops=0)
-    with pytest.raises(JVPError, match="ACROSS_CHANNELS"):
-        check_jvp('type: "LRN" lrn_param { norm_region: WITHIN_CHANNEL }', bottom_shapes=[(1, 2, 3, 3)])
     with pytest.raises(JVPError, match="MAX and AVE"):
         check_jvp('type: "Pooling" pooling_param { pool: STOCHASTIC kernel_size: 2 }', bottom_shapes=[(1, 1, 4, 4)],
                   phase="TEST")
