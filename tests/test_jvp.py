@@ -153,9 +153,30 @@ def test_layer_without_rule_raises_typed_error():
     assert isinstance(info.value, LayerError) and isinstance(info.value, NetlibError)
 
 
-#: Registered types with no jvp rule yet (keep in sync; it must not grow).
+@pytest.mark.parametrize("typ", ["RNN", "LSTM"])
+def test_check_jvp_recurrent(typ):
+    """The fused recurrences, through time: plain (cont 0 at t = 0, so the carried state is not read),
+    with a static input, with exposed initial states (their tangents too) and parameter tangents."""
+    rng = numpy.random.default_rng(0)
+    T, N = 3, 2
+    cont = numpy.array([[0, 0], [1, 1], [1, 0.0]])
+    fill = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 }'
+    text = 'type: "%s" recurrent_param { num_output: 4 %s %%s }' % (typ, fill)
+    for bottoms, checks in (([rng.normal(size=(T, N, 3)), cont], [0]),
+                            ([rng.normal(size=(T, N, 3)), cont, rng.normal(size=(N, 2))], [0, 2])):
+        result = check_jvp(text % "", bottoms=bottoms, check_bottoms=checks)
+        assert result.skipped == 0 and result.checked == T * N * 4
+    n_states = 1 if typ == "RNN" else 2
+    states = [rng.normal(size=(1, N, 4)) for _ in range(n_states)]
+    result = check_jvp(text % "expose_hidden: true", bottoms=[rng.normal(size=(T, N, 3)), numpy.ones((T, N))] + states,
+                       check_bottoms=[0] + list(range(2, 2 + n_states)), num_tops=1 + n_states)
+    assert result.skipped == 0 and result.checked == (T + n_states) * N * 4
+
+
+#: Registered types with no jvp rule (keep in sync; it must not grow): DetectionOutput has no backward,
+#: a Python layer's rule is its author's.
 WITHOUT_RULE = sorted("""
-    DetectionOutput LSTM Python RNN
+    DetectionOutput Python
 """.split())
 
 
@@ -336,4 +357,6 @@ def test_jvp_rules_use_the_blob_array_module(on_fake):
     """Every rule goes through xp: the grid and a whole net on a CuPy stand-in that refuses NumPy."""
     for text, shapes in CASES:
         check_jvp(text, bottom_shapes=shapes)
+    for typ in ("RNN", "LSTM"):
+        test_check_jvp_recurrent(typ)
     test_net_jvp_dag_split_in_place_batchnorm()

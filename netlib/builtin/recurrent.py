@@ -202,6 +202,26 @@ class _RecurrentLayer(Layer):
             pre += bottom[2].data.reshape(N, self.K_static) @ self.blobs[2].data.T
         return pre
 
+    def _input_tangent(self, bottom, tangents, pt):
+        """d pre = dx W^T + x dW^T + db (+ dx_static W_static^T + x_static dW_static^T), (T, N, G)."""
+        T, N = self.T, self.N
+        G = self.gate_mult * self.H
+        x = bottom[0].data.reshape(T * N, self.K)
+        d = tangents[0].reshape(T * N, self.K) @ self.blobs[0].data.T
+        if pt[0] is not None:
+            d = d + x @ pt[0].T
+        if pt[1] is not None:
+            d = d + pt[1]
+        d = d.reshape(T, N, G)
+        if self.static_input:
+            xs = bottom[2].data.reshape(N, self.K_static)
+            s = tangents[2].reshape(N, self.K_static) @ self.blobs[2].data.T
+            if pt[2] is not None:
+                s = s + xs @ pt[2].T
+            d = d + s
+        return d.astype(self.dtype, copy=False)
+
+
     def _input_backward(self, dpre, propagate_down, bottom):
         """Gradients of ``pre`` into W, b, W_static, x and x_static."""
         xp = bottom[0].xp
@@ -286,6 +306,37 @@ class RNNLayer(_RecurrentLayer):
             top[1].data[...] = final.reshape(1, N, H)
         else:
             self._state[0].data[...] = final.reshape(1, N, H)
+
+    def jvp(self, bottom, top, tangents, param_tangents):
+        """Through the steps: dh_t = (1 - h_t^2) (dpre_t + W_hh (cont_t dh_{t-1})
+        + dW_hh hc_t), then do = (1 - o^2) (W_ho dh + dW_ho h + db_o); the
+        carried state has no tangent, an exposed h_0 its bottom's."""
+        xp = self.xp
+        T, N, H = self.T, self.N, self.H
+        i_hh, i_ho, i_bo = self._param_index()
+        hs, hc, o = self._saved
+        cont = bottom[1].data
+        pt = list(param_tangents) if param_tangents else [None] * len(self.blobs)
+        dpre = self._input_tangent(bottom, tangents, pt)
+        W_hh, dW_hh = self.blobs[i_hh].data, pt[i_hh]
+        dh = (tangents[self._hidden_offset].reshape(N, H) if self.expose_hidden
+              else xp.zeros((N, H), dtype=self.dtype))
+        dhs = xp.empty((T, N, H), dtype=self.dtype)
+        for t in range(T):
+            dz = dpre[t] + (cont[t][:, None] * dh) @ W_hh.T
+            if dW_hh is not None:
+                dz = dz + hc[t] @ dW_hh.T
+            dh = dhs[t] = (1 - hs[t] * hs[t]) * dz
+        dz = dhs.reshape(T * N, H) @ self.blobs[i_ho].data.T
+        if pt[i_ho] is not None:
+            dz = dz + hs.reshape(T * N, H) @ pt[i_ho].T
+        if pt[i_bo] is not None:
+            dz = dz + pt[i_bo]
+        out = [(1 - o * o) * dz.reshape(T, N, H)]
+        if self.expose_hidden:
+            out.append(dhs[T - 1].reshape(1, N, H))
+        return out
+
 
     def backward(self, top, propagate_down, bottom):
         self._check_backward(propagate_down, bottom)
@@ -393,6 +444,41 @@ class LSTMLayer(_RecurrentLayer):
         else:
             self._state[0].data[...] = h_prev.reshape(1, N, H)
             self._state[1].data[...] = cs[T].reshape(1, N, H)
+
+    def jvp(self, bottom, top, tangents, param_tangents):
+        """Through the steps: da = dpre_t + W_hc (cont_t dh_{t-1}) + dW_hc hc_t,
+        di = i (1 - i) da_i, df = f (1 - f) da_f (f cont-scaled, as backward),
+        do = o (1 - o) da_o, dg = (1 - g^2) da_g, dc_t = df c_{t-1} + f dc_{t-1}
+        + di g + i dg, dh_t = do tanh(c_t) + o (1 - tanh(c_t)^2) dc_t; the
+        carried state has no tangent, exposed h_0 / c_0 their bottoms'."""
+        xp = self.xp
+        T, N, H = self.T, self.N, self.H
+        acts, cs, tcs, hc = self._saved
+        cont = bottom[1].data
+        pt = list(param_tangents) if param_tangents else [None] * len(self.blobs)
+        dpre = self._input_tangent(bottom, tangents, pt)
+        W, dW = self.blobs[-1].data, pt[-1]
+        if self.expose_hidden:
+            dh = tangents[self._hidden_offset].reshape(N, H)
+            dc = tangents[self._hidden_offset + 1].reshape(N, H)
+        else:
+            dh = dc = xp.zeros((N, H), dtype=self.dtype)
+        dhs = xp.empty((T, N, H), dtype=self.dtype)
+        for t in range(T):
+            da = dpre[t] + (cont[t][:, None] * dh) @ W.T
+            if dW is not None:
+                da = da + hc[t] @ dW.T
+            a = acts[t]
+            i, f, o, g = a[:, :H], a[:, H:2 * H], a[:, 2 * H:3 * H], a[:, 3 * H:]
+            dc = (f * (1 - f) * da[:, H:2 * H] * cs[t] + f * dc + i * (1 - i) * da[:, :H] * g
+                  + i * (1 - g * g) * da[:, 3 * H:])
+            dh = o * (1 - o) * da[:, 2 * H:3 * H] * tcs[t] + o * (1 - tcs[t] * tcs[t]) * dc
+            dhs[t] = dh
+        out = [dhs]
+        if self.expose_hidden:
+            out += [dh.reshape(1, N, H), dc.reshape(1, N, H)]
+        return out
+
 
     def backward(self, top, propagate_down, bottom):
         self._check_backward(propagate_down, bottom)
