@@ -296,11 +296,12 @@ def _compare(result, label, got, fp, f0, fm, step, threshold, what):
     def where(k):
         return "%s%s" % (label, tuple(int(v) for v in numpy.unravel_index(k, err.shape)) if err.ndim else "")
 
+    err = numpy.where(numpy.isnan(err), numpy.inf, err)
     if err.size:
         k = int(err.argmax())
         if err.flat[k] > result.worst_error:
             result.worst_error, result.worst_where = float(err.flat[k]), where(k)
-        for k in numpy.flatnonzero(err > threshold)[:20]:
+        for k in numpy.flatnonzero(~(err <= threshold))[:20]:  # NaN fails too
             result.failures.append((where(k), float(got.flat[k]), float(num.flat[k])))
 
 

@@ -515,6 +515,30 @@ class MVNLayer(Layer):
                 self._y_copy = None
 
     jvp = forward_mode.symmetric_jvp  # d top = J d bottom = J^T d bottom: the layer's backward of the tangent.
+
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """Mean only: linear, zero.  With the variance, per row (s = std + eps,
+        y = z / s): the backward dx = (g - mean g - y mean(g y)) / s gives
+        d(dx) = -(ds / s) dx - (dy mean(g y) + y mean(g dy)) / s, with
+        dz = dx_t - mean(dx_t), ds = mean(z dz) / std, dy = (dz - y ds) / s."""
+        if not self.normalize_variance or not propagate_down[0] or t.bottom[0] is None:
+            return [None], []
+        s = self._std
+        y = self._y_copy if self._y_copy is not None else (self._view(bottom[0].data) - self._mean) / s
+        g, dxt = self._view(top_diffs[0]), self._view(t.bottom[0])
+
+        def mean(a):
+            return a.mean(axis=1, keepdims=True)
+
+        dz = dxt - mean(dxt)
+        std = s - self.dtype.type(self.eps)
+        ds = mean(y * dz) * s / self.xp.where(std > 0, std, 1)  # a constant row (std 0): y = 0, ds = 0
+        dy = (dz - y * ds) / s
+        gy = mean(g * y)
+        grad = (g - mean(g) - y * gy) / s
+        out = -(ds / s) * grad - (dy * gy + y * mean(g * dy)) / s
+        return [out.reshape(bottom[0].shape).astype(self.dtype, copy=False)], []
+
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
