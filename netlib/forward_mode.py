@@ -384,13 +384,12 @@ def filter_jvp(layer, bottom, top, tangents, param_tangents):
     return _run(layer, bots, len(top))
 
 
-def lrn_jvp(layer, bottom, top, tangents, param_tangents):
-    """y = x s^-b gives dy = dx s^-b - b x s^(-b-1) ds, with
-    ACROSS_CHANNELS: s = k + (a/n) win(x^2), ds = (a/n) win(2 x dx) (win: the
-    zero-padded channel window of n); WITHIN_CHANNEL: s = 1 + (a/n^2)
-    box(x^2), ds = (a/n^2) box(2 x dx) (box: the zero-padded n x n window)."""
+def lrn_window(layer, x):
+    """(win, a, k) of an LRN layer on input x: s = k + a win(x^2).
+    ACROSS_CHANNELS: win the zero-padded channel window of n, a = alpha/n;
+    WITHIN_CHANNEL: win the zero-padded n x n box, a = alpha/n^2, k = 1.
+    Both windows are centred, so win is its own transpose."""
     xp = layer.xp
-    x, dx = bottom[0].data, tangents[0]
     size, pre = layer.size, layer.pre_pad
     if layer.across:
         n = x.shape[1]
@@ -401,14 +400,19 @@ def lrn_jvp(layer, bottom, top, tangents, param_tangents):
             c = xp.cumsum(xp.pad(v, pad), axis=1)
             return c[:, size:size + n] - c[:, :n]
 
-        a, k = layer.alpha / size, layer.k
-    else:
-        H, W = x.shape[2:]
+        return win, layer.alpha / size, layer.k
+    H, W = x.shape[2:]
 
-        def win(v):
-            return layer._box(xp.pad(v, [(0, 0), (0, 0), (pre, pre), (pre, pre)]), H, W, xp)
+    def box(v):
+        return layer._box(xp.pad(v, [(0, 0), (0, 0), (pre, pre), (pre, pre)]), H, W, xp)
 
-        a, k = layer.alpha / (size * size), 1.0
+    return box, layer.alpha / (size * size), 1.0
+
+
+def lrn_jvp(layer, bottom, top, tangents, param_tangents):
+    """y = x s^-b, s = k + a win(x^2) (see lrn_window): dy = dx s^-b - b x s^(-b-1) a win(2 x dx)."""
+    x, dx = bottom[0].data, tangents[0]
+    win, a, k = lrn_window(layer, x)
     s = k + a * win(x * x)
     out = dx * s ** -layer.beta - layer.beta * x * s ** (-layer.beta - 1) * a * win(2 * x * dx)
     return [out.astype(layer.dtype, copy=False)]

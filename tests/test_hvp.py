@@ -56,6 +56,10 @@ CASES = [
     ('type: "MVN" mvn_param { across_channels: true eps: 0.3 }', [(2, 3, 2, 2)]),
     ('type: "MVN" mvn_param { eps: 0.5 }', [(3, 4, 2)]),
     ('type: "MVN" mvn_param { normalize_variance: false }', [(2, 3, 4)]),
+    ('type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 k: 1.5 }', [(2, 5, 2, 2)]),
+    ('type: "LRN" lrn_param { local_size: 5 alpha: 0.3 beta: 0.6 }', [(2, 4, 3, 1)]),
+    ('type: "LRN" lrn_param { norm_region: WITHIN_CHANNEL local_size: 3 alpha: 0.5 beta: 0.75 }', [(2, 2, 4, 5)]),
+    ('type: "LRN" lrn_param { norm_region: WITHIN_CHANNEL local_size: 5 alpha: 2 beta: 0.6 }', [(1, 3, 3, 2)]),
     ('type: "Scale" scale_param { bias_term: true filler { type: "gaussian" } bias_filler { type: "gaussian" } }',
      [(2, 3, 4)]),
     ('type: "Scale" scale_param { axis: 0 }', [(2, 3, 4), (2, 3)]),
@@ -138,7 +142,7 @@ def test_check_hvp_reports_a_wrong_rule():
 
 #: Registered types with a backward but no second-order rule yet (must not grow).
 WITHOUT_RULE = sorted("""
-    ContrastiveLoss DetectionOutput InfogainLoss LRN LSTM LSTMUnit Normalize Python RNN
+    ContrastiveLoss DetectionOutput InfogainLoss LSTM LSTMUnit Normalize Python RNN
 """.split())
 
 

@@ -203,6 +203,24 @@ class LRNLayer(Layer):
     # backward -----------------------------------------------------------------
     jvp = forward_mode.lrn_jvp  # dy = dx s^-b - b x s^(-b-1) (a/n) win(2 x dx).
 
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """s = k + a win(x^2), backward dx = g s^-b - 2 a b x win(g x s^(-b-1))
+        (win its own transpose); along the tangent u, with ds = 2 a win(x u):
+        d(dx) = -b g s^(-b-1) ds - 2 a b (u win(Q) + x win(dQ)), Q = g x s^(-b-1),
+        dQ = g (u s^(-b-1) - (b + 1) x s^(-b-2) ds)."""
+        if not propagate_down[0] or t.bottom[0] is None:
+            return [None], []
+        x = self._x_copy if getattr(self, "_x_copy", None) is not None else bottom[0].data
+        u, g, b = t.bottom[0], top_diffs[0], self.beta
+        win, a, k = forward_mode.lrn_window(self, x)
+        s = k + a * win(x * x)
+        ds = 2 * a * win(x * u)
+        s1 = s ** (-b - 1)
+        q = g * x * s1
+        dq = g * (u * s1 - (b + 1) * x * s1 / s * ds)
+        out = -b * g * s1 * ds - 2 * a * b * (u * win(q) + x * win(dq))
+        return [out.astype(self.dtype, copy=False)], []
+
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
