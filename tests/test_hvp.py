@@ -113,6 +113,12 @@ def test_check_hvp_losses_and_labelled_layers():
     check_hvp('type: "HingeLoss"', bottoms=[rng.normal(size=(4, 3)), labels])
     check_hvp('type: "HingeLoss" hinge_loss_param { norm: L2 }', bottoms=[rng.normal(size=(4, 3)), labels])
     check_hvp('type: "MultinomialLogisticLoss"', bottoms=[rng.uniform(0.2, 1, (4, 3)), labels])
+    sim = numpy.array([0, 1, 0, 1.0])
+    for cp in ("", "contrastive_loss_param { legacy_version: true margin: 3 }", "contrastive_loss_param { margin: 2.5 }"):
+        check_hvp('type: "ContrastiveLoss" %s' % cp, bottoms=[rng.normal(size=(4, 3)), rng.normal(size=(4, 3)), sim])
+    for lp in ("", "loss_param { ignore_label: 2 normalization: BATCH_SIZE }"):
+        check_hvp('type: "InfogainLoss" %s' % lp, bottoms=[rng.normal(size=(4, 3)), labels, rng.uniform(size=(3, 3))],
+                  check_bottoms=[0])
     check_hvp('type: "Embed" embed_param { num_output: 3 input_dim: 5 %s }' % G,
               bottoms=[numpy.array([[0, 3], [4, 1.0]])])
     check_hvp('type: "BatchReindex"', bottoms=[rng.normal(size=(4, 3)), numpy.array([1, 0, 3.0])], check_bottoms=[0])
@@ -142,7 +148,7 @@ def test_check_hvp_reports_a_wrong_rule():
 
 #: Registered types with a backward but no second-order rule yet (must not grow).
 WITHOUT_RULE = sorted("""
-    ContrastiveLoss DetectionOutput InfogainLoss LSTM LSTMUnit Normalize Python RNN
+    DetectionOutput LSTM LSTMUnit Normalize Python RNN
 """.split())
 
 

@@ -669,6 +669,38 @@ class ContrastiveLossLayer(LossLayer):
         top[0].data[...] = loss / f(n) / f(2)
 
     jvp = forward_mode.scalar_jvp  # d loss = sum_i <d loss / d bottom_i, d bottom_i>.
+
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """da = c(r) e, db = -da, e = a - b, r = |e|, the active set fixed: c = w/N
+        (similar), -w/N (legacy dissimilar), -w/N (m - r) / (r + 1e-4) (dissimilar):
+        d(da) = c de + (dc/dr) (e . de / r) e with dc/dr = (w/N) (m + 1e-4) / (r + 1e-4)^2."""
+        xp = self.xp
+        da, db = t.bottom[0], t.bottom[1]
+        if da is None and db is None:
+            return [None, None, None], []
+        n = bottom[0].shape[0]
+        f = self.dtype.type
+        e = self._diff
+        de = (da if da is not None else 0) - (db if db is not None else 0)
+        de = xp.asarray(de, dtype=self.dtype).reshape(n, -1)
+        w = top_diffs[0].reshape(()) / f(n)
+        similar = self._similar(bottom)
+        margin = f(self.margin)
+        if self.legacy:
+            active = (margin - self._dist_sq) > 0
+            c = xp.where(similar, w, xp.where(active, -w, f(0)))
+            dc = xp.zeros(n, dtype=self.dtype)
+        else:
+            r = xp.sqrt(self._dist_sq)
+            active = (margin - r) > 0
+            c = xp.where(similar, w, xp.where(active, -w * (margin - r) / (r + f(1e-4)), f(0)))
+            slope = w * (margin + f(1e-4)) / ((r + f(1e-4)) ** 2)
+            dr = (e * de).sum(axis=1) / xp.where(r > 0, r, f(1))
+            dc = xp.where(similar | ~active, f(0), slope * dr)
+        out = (c[:, None] * de + dc[:, None] * e).astype(self.dtype)
+        return [out.reshape(bottom[0].shape) if propagate_down[0] else None,
+                (-out).reshape(bottom[1].shape) if propagate_down[1] else None, None], []
+
     def backward(self, top, propagate_down, bottom):
         if len(propagate_down) > 2 and propagate_down[2]:
             self.fail("cannot backpropagate to the similarity input (bottom 2)", bottom=bottom)
@@ -763,6 +795,27 @@ class InfogainLossLayer(LossLayer):
         self._write_loss(top, terms, valid)
 
     jvp = forward_mode.scalar_jvp  # d loss = sum_i <d loss / d bottom_i, d bottom_i>.
+
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """dx = w (p rowsum(H)[label] - H[label]) / norm gives d(dx) = w rowsum(H)[label] dp / norm,
+        dp = p (dz - <p, dz>) (valid positions)."""
+        none = [None] * len(bottom)
+        if not propagate_down[0] or t.bottom[0] is None:
+            return none, []
+        xp = self.xp
+        H = self._matrix(bottom)
+        safe, valid = self._labels(bottom[1], (self.outer, self.inner), self.channels, bottom)
+        p = self._prob.data.reshape(self._shape3())
+        dz = t.bottom[0].reshape(self._shape3())
+        out = p * (dz - xp.einsum("ocj,ocj->oj", p, dz)[:, None, :]) * H.sum(axis=1)[safe][:, None, :]
+        count = self.outer * self.inner
+        if valid is not None:
+            out = out * valid[:, None, :]
+            count = int(valid.sum())
+        norm = _normalizer(self.normalization, self.outer, self.inner, count)
+        out = out * (top_diffs[0].reshape(()) / self.dtype.type(norm))
+        return [out.reshape(bottom[0].shape).astype(self.dtype, copy=False)] + none[1:], []
+
     def backward(self, top, propagate_down, bottom):
         self._refuse_label_backward(propagate_down, bottom, indices=(1, 2))
         if not propagate_down[0]:
