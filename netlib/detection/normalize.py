@@ -104,6 +104,46 @@ class NormalizeLayer(Layer):
             out = out + (ds.reshape(()) if self.channel_shared else ds.reshape(1, -1, 1)) * x / n
         return [out.reshape(bottom[0].shape).astype(self.dtype, copy=False)]
 
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """Second-order rule.  With n = sqrt(sum x^2 + eps) over the norm's
+        group, s the scale, g = s dy, dot = sum(x g): the backward
+        dx = g / n - x dot / n^3 and dscale = sum(dy x / n).  Along the
+        tangents u (bottom) and v (scale), dn = sum(x u) / n, g' = v dy,
+        dot' = sum(u g + x g'):
+        d(dx) = g' / n - g dn / n^2 - (u dot + x dot') / n^3 + 3 x dot dn / n^4,
+        d(dscale) = sum(dy (u - x dn / n) / n) (over everything, or per channel)."""
+        u = t.bottom[0]
+        v = t.params[0] if t.params else None
+        want_p = bool(self.param_propagate_down[0])
+        out_b, out_p = [None], [None]
+        if u is None and (v is None or not propagate_down[0]):
+            return out_b, out_p
+        x = bottom[0].data.reshape(self.view)
+        dy = top_diffs[0].reshape(self.view)
+        axes = (1, 2) if self.across_spatial else (1,)
+        n = self.norm
+        f = self.dtype.type
+        if u is not None:
+            u = u.reshape(self.view)
+            dn = (x * u).sum(axis=axes, keepdims=True) / n
+        if propagate_down[0]:
+            g = dy * self._scale()
+            dot = (x * g).sum(axis=axes, keepdims=True)
+            n3 = n * n * n
+            out = 0
+            if v is not None:
+                g1 = dy * (v.reshape(()) if self.channel_shared else v.reshape(1, -1, 1))
+                out = g1 / n - x * (x * g1).sum(axis=axes, keepdims=True) / n3
+            if u is not None:
+                out = out - g * dn / (n * n) - (u * dot + x * (u * g).sum(axis=axes, keepdims=True)) / n3 \
+                    + f(3) * x * dot * dn / (n3 * n)
+            out_b = [out.reshape(bottom[0].shape).astype(self.dtype, copy=False)]
+        if want_p and u is not None:
+            dxhat = dy * (u - x * dn / n) / n
+            ds = dxhat.sum() if self.channel_shared else dxhat.sum(axis=(0, 2))
+            out_p = [ds.reshape(self.blobs[0].shape).astype(self.dtype, copy=False)]
+        return out_b, out_p
+
     def backward(self, top, propagate_down, bottom):
         xp = top[0].xp
         x = bottom[0].data.reshape(self.view)
