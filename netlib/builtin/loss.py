@@ -798,16 +798,24 @@ class InfogainLossLayer(LossLayer):
 
     def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
         """dx = w (p rowsum(H)[label] - H[label]) / norm gives d(dx) = w rowsum(H)[label] dp / norm,
-        dp = p (dz - <p, dz>) (valid positions)."""
+        dp = p (dz - <p, dz>) (valid positions).  A tangent dH of a third
+        bottom adds w (p rowsum(dH)[label] - dH[label]) / norm (H gets no diff)."""
         none = [None] * len(bottom)
-        if not propagate_down[0] or t.bottom[0] is None:
+        dz = t.bottom[0]
+        dH = t.bottom[2] if len(bottom) > 2 and len(t.bottom) > 2 else None
+        if not propagate_down[0] or (dz is None and dH is None):
             return none, []
         xp = self.xp
         H = self._matrix(bottom)
         safe, valid = self._labels(bottom[1], (self.outer, self.inner), self.channels, bottom)
         p = self._prob.data.reshape(self._shape3())
-        dz = t.bottom[0].reshape(self._shape3())
-        out = p * (dz - xp.einsum("ocj,ocj->oj", p, dz)[:, None, :]) * H.sum(axis=1)[safe][:, None, :]
+        out = 0
+        if dz is not None:
+            dz = dz.reshape(self._shape3())
+            out = p * (dz - xp.einsum("ocj,ocj->oj", p, dz)[:, None, :]) * H.sum(axis=1)[safe][:, None, :]
+        if dH is not None:
+            dH = dH.reshape(self.channels, self.channels)
+            out = out + p * dH.sum(axis=1)[safe][:, None, :] - dH[safe].transpose(0, 2, 1)
         count = self.outer * self.inner
         if valid is not None:
             out = out * valid[:, None, :]
