@@ -196,9 +196,14 @@ def symmetric_jvp(layer, bottom, top, tangents, param_tangents):
 
 
 def scalar_jvp(layer, bottom, top, tangents, param_tangents):
-    """d loss = sum_i <d loss / d bottom_i, d bottom_i>."""
-    if len(top) != 1:
-        layer.fail("has a tangent rule only with one (loss) top", error=JVPError)
+    """d loss = sum_i <d loss / d bottom_i, d bottom_i>; further tops (a loss
+    layer's probabilities) from the layer's ``extra_top_tangents``."""
+    extra = []
+    if len(top) > 1:
+        more = getattr(layer, "extra_top_tangents", None)
+        if more is None:
+            layer.fail("has a tangent rule only with one (loss) top", error=JVPError)
+        extra = more(bottom, top, tangents)
     propagate = [layer.allow_force_backward(i) for i in range(len(bottom))]
     ones = top[0].xp.ones(top[0].shape, dtype=top[0].dtype)
     grads = _backward_with(layer, bottom, top, [ones], propagate)
@@ -207,7 +212,7 @@ def scalar_jvp(layer, bottom, top, tangents, param_tangents):
     for g, t, p in zip(grads, tangents, propagate):
         if p:
             total = total + xp.sum(g * t)
-    return [xp.full(top[0].shape, total, dtype=top[0].dtype)]
+    return [xp.full(top[0].shape, total, dtype=top[0].dtype)] + extra
 
 
 def run_jvp(net, tangents):

@@ -109,6 +109,10 @@ def test_check_jvp_log_and_losses():
     check_jvp('type: "SoftmaxWithLoss"', bottoms=[rng.normal(size=(4, 3)), labels])
     check_jvp('type: "SoftmaxWithLoss" loss_param { ignore_label: 1 normalization: BATCH_SIZE }',
               bottoms=[rng.normal(size=(4, 3)), labels])
+    two = 'top: "loss" top: "prob" loss_weight: 1 loss_weight: 0'  # the probabilities as a second top
+    check_jvp('type: "SoftmaxWithLoss" %s' % two, bottoms=[rng.normal(size=(4, 3)), labels])
+    check_jvp('type: "InfogainLoss" %s' % two, bottoms=[rng.normal(size=(4, 3)), labels, rng.uniform(size=(3, 3))],
+              check_bottoms=[0])
     check_jvp('type: "SigmoidCrossEntropyLoss"', bottoms=[rng.normal(size=(4, 3)), rng.integers(0, 2, (4, 3))])
     check_jvp('type: "Embed" embed_param { num_output: 3 input_dim: 5 %s }' % G,
               bottoms=[numpy.array([[0, 3], [4, 1.0]])])

@@ -214,6 +214,13 @@ class SoftmaxWithLossLayer(LossLayer):
         if len(top) > 1:
             top[1].reshape(bottom[0].shape)
 
+    def extra_top_tangents(self, bottom, top, tangents):
+        """The probabilities top: dp = p (dz - <p, dz>) along the class axis."""
+        p = self._prob.data.reshape(self._shape3())
+        dz = tangents[0].reshape(self._shape3())
+        dp = p * (dz - self.xp.einsum("ocj,ocj->oj", p, dz)[:, None, :])
+        return [dp.reshape(bottom[0].shape).astype(self.dtype, copy=False)]
+
     def _shape3(self):
         return (self.outer, self.channels, self.inner)
 
@@ -780,6 +787,13 @@ class InfogainLossLayer(LossLayer):
     def _matrix(self, bottom):
         H = self._H if self._H is not None else bottom[2]
         return H.data.reshape(self.channels, self.channels)
+
+    def extra_top_tangents(self, bottom, top, tangents):
+        """The probabilities top: dp = p (dz - <p, dz>) along the class axis."""
+        p = self._prob.data.reshape(self._shape3())
+        dz = tangents[0].reshape(self._shape3())
+        dp = p * (dz - self.xp.einsum("ocj,ocj->oj", p, dz)[:, None, :])
+        return [dp.reshape(bottom[0].shape).astype(self.dtype, copy=False)]
 
     def _shape3(self):
         return (self.outer, self.channels, self.inner)
