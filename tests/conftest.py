@@ -1,6 +1,7 @@
 """Shared fixtures: where ../shared is, and skipping cleanly without it."""
 import os
 
+import numpy
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,3 +38,17 @@ def engine(request):
     old = accel.set_enabled(request.param == "numba", everywhere=True)
     yield request.param
     accel.set_enabled(old)
+
+
+@pytest.fixture
+def on_fake():
+    """netlib's default array module is tests/fakecupy.py (no implicit NumPy) for this test."""
+    import fakecupy
+    from netlib import backend
+    old = backend.default_xp()
+    backend.set_mode_device(fakecupy)
+    yield fakecupy
+    if old is numpy:
+        backend.set_mode_cpu()
+    else:
+        backend.set_mode_device(old)

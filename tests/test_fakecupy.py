@@ -30,16 +30,6 @@ from test_golden import CASES, _check_case
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture
-def on_fake():
-    """netlib's default array module is the stand-in for this test."""
-    old = backend.default_xp()
-    backend.set_mode_device(fakecupy)
-    yield fakecupy
-    if old is numpy:
-        backend.set_mode_cpu()
-    else:
-        backend.set_mode_device(old)
 
 
 # --------------------------------------------------------------------------

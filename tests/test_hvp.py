@@ -406,16 +406,6 @@ def test_layer_without_a_rule_names_itself():
         net.hvp([numpy.ones((3, 3)), numpy.zeros(3)])
 
 
-@pytest.fixture
-def on_fake():
-    import fakecupy
-    old = backend.default_xp()
-    backend.set_mode_device(fakecupy)
-    yield fakecupy
-    if old is numpy:
-        backend.set_mode_cpu()
-    else:
-        backend.set_mode_device(old)
 
 
 def test_rules_and_hvp_use_the_blob_array_module(on_fake):

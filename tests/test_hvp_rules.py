@@ -149,17 +149,6 @@ def run_grid(tmp_path):
     test_infogain_hvp_matrix_tangent('')
 
 
-@pytest.fixture
-def on_fake():
-    """netlib's default array module is tests/fakecupy.py (no implicit NumPy) for this test."""
-    import fakecupy
-    old = backend.default_xp()
-    backend.set_mode_device(fakecupy)
-    yield fakecupy
-    if old is numpy:
-        backend.set_mode_cpu()
-    else:
-        backend.set_mode_device(old)
 
 
 def test_hvp_rules_use_the_blob_array_module(on_fake, tmp_path):

@@ -344,17 +344,6 @@ def test_net_jvp_dag_split_in_place_batchnorm():
         assert numpy.abs(got - num).max() / numpy.abs(num).max() < 1e-5
 
 
-@pytest.fixture
-def on_fake():
-    """netlib's default array module is tests/fakecupy.py (no implicit NumPy) for this test."""
-    import fakecupy
-    old = backend.default_xp()
-    backend.set_mode_device(fakecupy)
-    yield fakecupy
-    if old is numpy:
-        backend.set_mode_cpu()
-    else:
-        backend.set_mode_device(old)
 
 
 def test_jvp_rules_use_the_blob_array_module(on_fake):

@@ -184,6 +184,14 @@ class LossLayer(Layer, _LabelMixin):
             top[1].share_data(self._prob)
 
 
+def _prob_top_tangent(layer, bottom, top, tangents):
+    """JVP of a softmax loss's probabilities top: dp = p (dz - <p, dz>) along the class axis."""
+    p = layer._prob.data.reshape(layer._shape3())
+    dz = tangents[0].reshape(layer._shape3())
+    dp = p * (dz - layer.xp.einsum("ocj,ocj->oj", p, dz)[:, None, :])
+    return [dp.reshape(bottom[0].shape).astype(layer.dtype, copy=False)]
+
+
 @register_layer("SoftmaxWithLoss")
 class SoftmaxWithLossLayer(LossLayer):
     """Softmax followed by multinomial logistic loss.
@@ -214,12 +222,7 @@ class SoftmaxWithLossLayer(LossLayer):
         if len(top) > 1:
             top[1].reshape(bottom[0].shape)
 
-    def extra_top_tangents(self, bottom, top, tangents):
-        """The probabilities top: dp = p (dz - <p, dz>) along the class axis."""
-        p = self._prob.data.reshape(self._shape3())
-        dz = tangents[0].reshape(self._shape3())
-        dp = p * (dz - self.xp.einsum("ocj,ocj->oj", p, dz)[:, None, :])
-        return [dp.reshape(bottom[0].shape).astype(self.dtype, copy=False)]
+    extra_top_tangents = _prob_top_tangent  # the probabilities top: the softmax's tangent
 
     def _shape3(self):
         return (self.outer, self.channels, self.inner)
@@ -788,12 +791,7 @@ class InfogainLossLayer(LossLayer):
         H = self._H if self._H is not None else bottom[2]
         return H.data.reshape(self.channels, self.channels)
 
-    def extra_top_tangents(self, bottom, top, tangents):
-        """The probabilities top: dp = p (dz - <p, dz>) along the class axis."""
-        p = self._prob.data.reshape(self._shape3())
-        dz = tangents[0].reshape(self._shape3())
-        dp = p * (dz - self.xp.einsum("ocj,ocj->oj", p, dz)[:, None, :])
-        return [dp.reshape(bottom[0].shape).astype(self.dtype, copy=False)]
+    extra_top_tangents = _prob_top_tangent  # the probabilities top: the softmax's tangent
 
     def _shape3(self):
         return (self.outer, self.channels, self.inner)
