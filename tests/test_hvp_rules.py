@@ -1,5 +1,6 @@
 """Second-order rules (Layer.backward_jvp, what Net.hvp runs) of LRN, MVN,
-Normalize, ContrastiveLoss and InfogainLoss against centred differences of
+Normalize, ContrastiveLoss, InfogainLoss and the recurrent layers (RNN, LSTM
+through time, LSTMUnit) against centred differences of
 their backward (netlib.testing.check_hvp, float64), over their parameter
 variants; and the same grid on the CuPy stand-in (tests/fakecupy.py), which
 refuses implicit NumPy."""
@@ -135,6 +136,53 @@ def test_infogain_hvp_source_file(tmp_path):
     _check('type: "InfogainLoss" infogain_loss_param { source: "%s" }' % path, bottoms=[x, label])
 
 
+#: cont: a new sequence at t = 0 (the carried state is not read), then continued, restarted and fractional
+#: values (Caffe multiplies by cont; LSTM's backward keeps its cont-scaled forget-gate formula, whose own
+#: derivative the rule is).
+CONTS = {"binary": [[0, 0], [1, 1], [1, 0.0]], "fractional": [[0, 0], [1, 0.5], [0.3, 0.0]]}
+RECURRENT_FILL = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 }'
+
+
+def _recurrent_cases(typ, cont):
+    """(layer text, bottoms, checked bottoms, top count): plain, with x_static, with exposed states."""
+    rng = _rng()
+    T, N = 3, 2
+    text = 'type: "%s" recurrent_param { num_output: 4 %s %%s }' % (typ, RECURRENT_FILL)
+    cont = numpy.array(CONTS[cont])
+    n_states = 1 if typ == "RNN" else 2
+    states = [rng.normal(size=(1, N, 4)) for _ in range(n_states)]
+    return [(text % "", [rng.normal(size=(T, N, 3)), cont], [0], 1),
+            (text % "", [rng.normal(size=(T, N, 3)), cont, rng.normal(size=(N, 2))], [0, 2], 1),
+            (text % "", [rng.normal(size=(T, N, 2, 2)), cont, rng.normal(size=(N, 3))], [], 1),
+            (text % "expose_hidden: true", [rng.normal(size=(T, N, 3)), cont] + states,
+             [0] + list(range(2, 2 + n_states)), 1 + n_states)]
+
+
+@pytest.mark.parametrize("cont", sorted(CONTS))
+@pytest.mark.parametrize("typ", ["RNN", "LSTM"])
+def test_recurrent_hvp(typ, cont):
+    """Bottom, static-input, exposed-state and parameter tangents through every step."""
+    for text, bottoms, checks, tops in _recurrent_cases(typ, cont):
+        result = _check(text, bottoms=bottoms, check_bottoms=checks, num_tops=tops)
+        # smooth: only where the third derivative makes the one-sided differences disagree at step 1e-4
+        assert result.skipped <= result.checked // 10
+
+
+@pytest.mark.parametrize("typ", ["RNN", "LSTM"])
+def test_recurrent_hvp_bottoms_alone_and_frozen_weights(typ):
+    """No parameter tangents (lr_mult 0 everywhere): only the bottoms' terms."""
+    text, bottoms, checks, tops = _recurrent_cases(typ, "binary")[1]
+    _check(text, bottoms=bottoms, check_bottoms=checks, num_tops=tops, check_params=False)
+
+
+@pytest.mark.parametrize("cont", [[[1, 0, 1.0]], [[1, 1, 1.0]], [[0.5, 0.3, 1.0]]])
+@pytest.mark.parametrize("checks", [[0, 1], [1], [0]])
+def test_lstm_unit_hvp(cont, checks):
+    rng = _rng()
+    _check('type: "LSTMUnit" top: "c" top: "h"', bottoms=[rng.normal(size=(1, 3, 2)), rng.normal(size=(1, 3, 8)),
+                                                       numpy.array(cont)], check_bottoms=checks)
+
+
 def run_grid(tmp_path):
     for text, shape in LRN + MVN + NORMALIZE:
         _check(text, bottom_shapes=[shape])
@@ -147,6 +195,9 @@ def run_grid(tmp_path):
         _check('type: "InfogainLoss" %s' % param, bottoms=[x, label, H], check_bottoms=[0])
     test_infogain_hvp_source_file(tmp_path)
     test_infogain_hvp_matrix_tangent('')
+    for typ in ("RNN", "LSTM"):
+        test_recurrent_hvp(typ, "fractional")
+    test_lstm_unit_hvp([[1, 0, 1.0]], [0, 1])
 
 
 

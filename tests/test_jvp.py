@@ -157,13 +157,15 @@ def test_layer_without_rule_raises_typed_error():
     assert isinstance(info.value, LayerError) and isinstance(info.value, NetlibError)
 
 
+@pytest.mark.parametrize("fractional", [False, True])
 @pytest.mark.parametrize("typ", ["RNN", "LSTM"])
-def test_check_jvp_recurrent(typ):
+def test_check_jvp_recurrent(typ, fractional):
     """The fused recurrences, through time: plain (cont 0 at t = 0, so the carried state is not read),
-    with a static input, with exposed initial states (their tangents too) and parameter tangents."""
+    with a static input, with exposed initial states (their tangents too) and parameter tangents;
+    binary and fractional cont (the exact derivative of f = cont * sigmoid either way)."""
     rng = numpy.random.default_rng(0)
     T, N = 3, 2
-    cont = numpy.array([[0, 0], [1, 1], [1, 0.0]])
+    cont = numpy.array([[0, 0], [1, 0.5], [0.3, 0.0]] if fractional else [[0, 0], [1, 1], [1, 0.0]])
     fill = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 }'
     text = 'type: "%s" recurrent_param { num_output: 4 %s %%s }' % (typ, fill)
     for bottoms, checks in (([rng.normal(size=(T, N, 3)), cont], [0]),
@@ -351,5 +353,5 @@ def test_jvp_rules_use_the_blob_array_module(on_fake):
     for text, shapes in CASES:
         check_jvp(text, bottom_shapes=shapes)
     for typ in ("RNN", "LSTM"):
-        test_check_jvp_recurrent(typ)
+        test_check_jvp_recurrent(typ, True)
     test_net_jvp_dag_split_in_place_batchnorm()

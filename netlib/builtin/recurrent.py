@@ -247,6 +247,50 @@ class _RecurrentLayer(Layer):
                 if i < len(propagate_down) and propagate_down[i]:
                     bottom[i].diff[...] = 0  # Caffe computes no gradient for the initial state
 
+    def _input_backward_jvp(self, dpre, rdpre, propagate_down, bottom, tb, pt):
+        """The second-order terms of :meth:`_input_backward`: its derivative
+        along the tangents of x, x_static and the input weights (``tb``,
+        ``pt``; None is zero) with ``dpre`` moving by ``rdpre``.  Returns
+        (per bottom, per parameter) lists; the exposed initial states get
+        None (their diff is a constant zero)."""
+        T, N = self.T, self.N
+        G = self.gate_mult * self.H
+        learned = self.param_propagate_down
+        rb, rp = [None] * len(bottom), [None] * len(self.blobs)
+        d2, r2 = dpre.reshape(T * N, G), rdpre.reshape(T * N, G)
+        if learned[0]:
+            rp[0] = r2.T @ bottom[0].data.reshape(T * N, self.K)
+            if tb[0] is not None:
+                rp[0] = rp[0] + d2.T @ tb[0].reshape(T * N, self.K)
+        if learned[1]:
+            rp[1] = r2.sum(axis=0)
+        if propagate_down[0]:
+            rb[0] = r2 @ self.blobs[0].data
+            if pt[0] is not None:
+                rb[0] = rb[0] + d2 @ pt[0]
+            rb[0] = rb[0].reshape(bottom[0].shape)
+        if self.static_input:
+            ds, rds = dpre.sum(axis=0), rdpre.sum(axis=0)
+            if learned[2]:
+                rp[2] = rds.T @ bottom[2].data.reshape(N, self.K_static)
+                if tb[2] is not None:
+                    rp[2] = rp[2] + ds.T @ tb[2].reshape(N, self.K_static)
+            if len(propagate_down) > 2 and propagate_down[2]:
+                rb[2] = rds @ self.blobs[2].data
+                if pt[2] is not None:
+                    rb[2] = rb[2] + ds @ pt[2]
+                rb[2] = rb[2].reshape(bottom[2].shape)
+        return rb, rp
+
+    def _zero_filled(self, bottom, tangents):
+        """Bottom tangents with zeros for None (what :meth:`jvp` takes)."""
+        xp = self.xp
+        return [t if t is not None else xp.zeros(b.shape, dtype=self.dtype) for t, b in zip(tangents, bottom)]
+
+    def _previous(self, first, steps):
+        """(T, N, H): the states entering each step, ``first`` then steps[:-1]."""
+        return self.xp.concatenate([first[None], steps[:-1]], axis=0)
+
     def _check_backward(self, propagate_down, bottom):
         if len(propagate_down) > 1 and propagate_down[1]:
             self.fail("cannot backpropagate to the sequence continuation indicators (bottom 1, cont)",
@@ -307,20 +351,20 @@ class RNNLayer(_RecurrentLayer):
         else:
             self._state[0].data[...] = final.reshape(1, N, H)
 
-    def jvp(self, bottom, top, tangents, param_tangents):
-        """Through the steps: dh_t = (1 - h_t^2) (dpre_t + W_hh (cont_t dh_{t-1})
-        + dW_hh hc_t), then do = (1 - o^2) (W_ho dh + dW_ho h + db_o); the
-        carried state has no tangent, an exposed h_0 its bottom's."""
+    def _step_tangents(self, bottom, tangents, pt):
+        """Forward tangents through time: dh_t = (1 - h_t^2) (dpre_t +
+        W_hh (cont_t dh_{t-1}) + dW_hh hc_t), then do = (1 - o^2) (W_ho dh +
+        dW_ho h + db_o).  The carried state has no tangent, an exposed h_0 its
+        bottom's.  Returns (dh_0 (N, H), dh (T, N, H), do (T, N, H))."""
         xp = self.xp
         T, N, H = self.T, self.N, self.H
         i_hh, i_ho, i_bo = self._param_index()
         hs, hc, o = self._saved
         cont = bottom[1].data
-        pt = list(param_tangents) if param_tangents else [None] * len(self.blobs)
         dpre = self._input_tangent(bottom, tangents, pt)
         W_hh, dW_hh = self.blobs[i_hh].data, pt[i_hh]
-        dh = (tangents[self._hidden_offset].reshape(N, H) if self.expose_hidden
-              else xp.zeros((N, H), dtype=self.dtype))
+        dh = dh0 = (tangents[self._hidden_offset].reshape(N, H) if self.expose_hidden
+                    else xp.zeros((N, H), dtype=self.dtype))
         dhs = xp.empty((T, N, H), dtype=self.dtype)
         for t in range(T):
             dz = dpre[t] + (cont[t][:, None] * dh) @ W_hh.T
@@ -332,11 +376,62 @@ class RNNLayer(_RecurrentLayer):
             dz = dz + hs.reshape(T * N, H) @ pt[i_ho].T
         if pt[i_bo] is not None:
             dz = dz + pt[i_bo]
-        out = [(1 - o * o) * dz.reshape(T, N, H)]
+        return dh0, dhs, (1 - o * o) * dz.reshape(T, N, H)
+
+    def jvp(self, bottom, top, tangents, param_tangents):
+        """See :meth:`_step_tangents`; with expose_hidden also dh_T."""
+        pt = list(param_tangents) if param_tangents else [None] * len(self.blobs)
+        dh0, dhs, do = self._step_tangents(bottom, tangents, pt)
+        out = [do]
         if self.expose_hidden:
-            out.append(dhs[T - 1].reshape(1, N, H))
+            out.append(dhs[self.T - 1].reshape(1, self.N, self.H))
         return out
 
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """The backward (top diff g fixed) differentiated along the forward
+        tangents, in step with a rerun of its recurrence: R{dzo} = -2 o do g,
+        R{u_t} = R{dzo_t} W_ho + dzo_t dW_ho + R{dh_next}, R{dz_t} = R{u_t}
+        (1 - h_t^2) - 2 h_t dh_t u_t, R{dh_next} = cont_t (R{dz_t} W_hh + dz_t
+        dW_hh), and each parameter product's two factor terms."""
+        xp = self.xp
+        T, N, H = self.T, self.N, self.H
+        n = T * N
+        i_hh, i_ho, i_bo = self._param_index()
+        W_hh, W_ho = self.blobs[i_hh].data, self.blobs[i_ho].data
+        hs, hc, o = self._saved
+        cont = bottom[1].data
+        pt = list(t.params) if t.params else [None] * len(self.blobs)
+        dh0, dhs, do = self._step_tangents(bottom, self._zero_filled(bottom, t.bottom), pt)
+        learned = self.param_propagate_down
+        g = top_diffs[0].reshape(T, N, H)
+        dzo = (1 - o * o) * g
+        rdzo = -2 * o * do * g
+        u = (dzo.reshape(n, H) @ W_ho).reshape(T, N, H)
+        ru = rdzo.reshape(n, H) @ W_ho
+        if pt[i_ho] is not None:
+            ru = ru + dzo.reshape(n, H) @ pt[i_ho]
+        ru = ru.reshape(T, N, H)
+        dz, rdz = xp.empty((T, N, H), dtype=self.dtype), xp.empty((T, N, H), dtype=self.dtype)
+        for s in range(T - 1, -1, -1):
+            dtanh = 1 - hs[s] * hs[s]
+            dz[s] = u[s] * dtanh
+            rdz[s] = ru[s] * dtanh - 2 * hs[s] * dhs[s] * u[s]
+            if s:
+                c = cont[s][:, None]
+                u[s - 1] += c * (dz[s] @ W_hh)
+                r = rdz[s] @ W_hh
+                if pt[i_hh] is not None:
+                    r = r + dz[s] @ pt[i_hh]
+                ru[s - 1] += c * r
+        rb, rp = self._input_backward_jvp(dz, rdz, propagate_down, bottom, t.bottom, pt)
+        if learned[i_ho]:
+            rp[i_ho] = rdzo.reshape(n, H).T @ hs.reshape(n, H) + dzo.reshape(n, H).T @ dhs.reshape(n, H)
+        if learned[i_bo]:
+            rp[i_bo] = rdzo.reshape(n, H).sum(axis=0)
+        if learned[i_hh]:
+            dhc = cont[:, :, None] * self._previous(dh0, dhs)
+            rp[i_hh] = rdz.reshape(n, H).T @ hc.reshape(n, H) + dz.reshape(n, H).T @ dhc.reshape(n, H)
+        return rb, rp
 
     def backward(self, top, propagate_down, bottom):
         self._check_backward(propagate_down, bottom)
@@ -445,40 +540,119 @@ class LSTMLayer(_RecurrentLayer):
             self._state[0].data[...] = h_prev.reshape(1, N, H)
             self._state[1].data[...] = cs[T].reshape(1, N, H)
 
-    def jvp(self, bottom, top, tangents, param_tangents):
-        """Through the steps: da = dpre_t + W_hc (cont_t dh_{t-1}) + dW_hc hc_t,
-        di = i (1 - i) da_i, df = f (1 - f) da_f (f cont-scaled, as backward),
-        do = o (1 - o) da_o, dg = (1 - g^2) da_g, dc_t = df c_{t-1} + f dc_{t-1}
-        + di g + i dg, dh_t = do tanh(c_t) + o (1 - tanh(c_t)^2) dc_t; the
-        carried state has no tangent, exposed h_0 / c_0 their bottoms'."""
+    def _slopes(self, bottom):
+        """The gates' local derivatives, all steps: i (1 - i), the forget
+        gate's true slope cont s (1 - s) (s = sigmoid(f'), f = cont s),
+        o (1 - o) and 1 - g^2, each (T, N, H)."""
+        xp = self.xp
+        H = self.H
+        acts = self._saved[0]
+        i, f, o, g = acts[:, :, :H], acts[:, :, H:2 * H], acts[:, :, 2 * H:3 * H], acts[:, :, 3 * H:]
+        cont = bottom[1].data[:, :, None]
+        s = f / xp.where(cont == 0, 1, cont)  # the unscaled sigmoid (any value where cont is 0)
+        return i * (1 - i), f * (1 - s), o * (1 - o), 1 - g * g
+
+    def _step_tangents(self, bottom, tangents, pt, slopes):
+        """Forward tangents through time: da = dpre_t + W_hc (cont_t dh_{t-1})
+        + dW_hc hc_t; the gates' tangents slope * da; dc_t = df c_{t-1} + f
+        dc_{t-1} + di g + i dg; dh_t = do tanh(c_t) + o (1 - tanh(c_t)^2)
+        dc_t.  The carried state has no tangent, exposed h_0 / c_0 their
+        bottoms'.  Returns (dh_0 (N, H), d gates (T, N, 4H) in the order i,
+        f, o, g, dc_0..dc_T (T + 1, N, H), dh_1..dh_T (T, N, H))."""
         xp = self.xp
         T, N, H = self.T, self.N, self.H
         acts, cs, tcs, hc = self._saved
+        li, lf, lo, lg = slopes
         cont = bottom[1].data
-        pt = list(param_tangents) if param_tangents else [None] * len(self.blobs)
         dpre = self._input_tangent(bottom, tangents, pt)
         W, dW = self.blobs[-1].data, pt[-1]
         if self.expose_hidden:
-            dh = tangents[self._hidden_offset].reshape(N, H)
+            dh = dh0 = tangents[self._hidden_offset].reshape(N, H)
             dc = tangents[self._hidden_offset + 1].reshape(N, H)
         else:
-            dh = dc = xp.zeros((N, H), dtype=self.dtype)
+            dh = dh0 = dc = xp.zeros((N, H), dtype=self.dtype)
+        dacts = xp.empty((T, N, 4 * H), dtype=self.dtype)
+        dcs = xp.empty((T + 1, N, H), dtype=self.dtype)
         dhs = xp.empty((T, N, H), dtype=self.dtype)
+        dcs[0] = dc
         for t in range(T):
             da = dpre[t] + (cont[t][:, None] * dh) @ W.T
             if dW is not None:
                 da = da + hc[t] @ dW.T
-            a = acts[t]
+            a, d = acts[t], dacts[t]
             i, f, o, g = a[:, :H], a[:, H:2 * H], a[:, 2 * H:3 * H], a[:, 3 * H:]
-            dc = (f * (1 - f) * da[:, H:2 * H] * cs[t] + f * dc + i * (1 - i) * da[:, :H] * g
-                  + i * (1 - g * g) * da[:, 3 * H:])
-            dh = o * (1 - o) * da[:, 2 * H:3 * H] * tcs[t] + o * (1 - tcs[t] * tcs[t]) * dc
-            dhs[t] = dh
+            for k, slope in enumerate((li, lf, lo, lg)):
+                d[:, k * H:(k + 1) * H] = slope[t] * da[:, k * H:(k + 1) * H]
+            dc = dcs[t + 1] = d[:, H:2 * H] * cs[t] + f * dc + d[:, :H] * g + i * d[:, 3 * H:]
+            dh = dhs[t] = d[:, 2 * H:3 * H] * tcs[t] + o * (1 - tcs[t] * tcs[t]) * dc
+        return dh0, dacts, dcs, dhs
+
+    def jvp(self, bottom, top, tangents, param_tangents):
+        """See :meth:`_step_tangents`; with expose_hidden also dh_T, dc_T."""
+        pt = list(param_tangents) if param_tangents else [None] * len(self.blobs)
+        dh0, dacts, dcs, dhs = self._step_tangents(bottom, tangents, pt, self._slopes(bottom))
         out = [dhs]
         if self.expose_hidden:
-            out += [dh.reshape(1, N, H), dc.reshape(1, N, H)]
+            N, H = self.N, self.H
+            out += [dhs[self.T - 1].reshape(1, N, H), dcs[self.T].reshape(1, N, H)]
         return out
 
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """The backward (top diff fixed) differentiated along the forward
+        tangents, in step with a rerun of its recurrence.  Each gate
+        gradient is a product a * P (a = dc_term or dh, P a product of
+        forward values, e.g. g i (1 - i)): R = R{a} P + a R{P}, with R{i (1 -
+        i)} = (1 - 2i) di, R{f (1 - f)} = (1 - 2f) df (the cont-scaled f of
+        Caffe's formula), R{1 - g^2} = -2 g dg; R{dc_prev} = R{dc_term} f +
+        dc_term df; R{dh_next} = cont_t (R{d gates} W_hc + d gates dW_hc)."""
+        xp = self.xp
+        T, N, H = self.T, self.N, self.H
+        n = T * N
+        H2, H3 = 2 * H, 3 * H
+        W = self.blobs[-1].data
+        acts, cs, tcs, hc = self._saved
+        cont = bottom[1].data
+        pt = list(t.params) if t.params else [None] * len(self.blobs)
+        slopes = self._slopes(bottom)
+        dh0, dacts, dcs, dhs = self._step_tangents(bottom, self._zero_filled(bottom, t.bottom), pt, slopes)
+        i, f, o, g = acts[:, :, :H], acts[:, :, H:H2], acts[:, :, H2:H3], acts[:, :, H3:]
+        di, df, do, dg = dacts[:, :, :H], dacts[:, :, H:H2], dacts[:, :, H2:H3], dacts[:, :, H3:]
+        li, lo, lg = slopes[0], slopes[2], slopes[3]
+        lf = f * (1 - f)  # Caffe's forget-gate factor, with the cont-scaled f
+        c_prev, dc_prev = cs[:T], dcs[:T]
+        dtc = (1 - tcs * tcs) * dcs[1:]
+        # gate gradients = (dc_term, dc_term, dh, dc_term) * P; R{P} below
+        P = xp.concatenate([g * li, c_prev * lf, tcs * lo, i * lg], axis=2)
+        RP = xp.concatenate([dg * li + g * (1 - 2 * i) * di, dc_prev * lf + c_prev * (1 - 2 * f) * df,
+                             dtc * lo + tcs * (1 - 2 * o) * do, di * lg - 2 * i * g * dg], axis=2)
+        oc = o * (1 - tcs * tcs)
+        roc = do * (1 - tcs * tcs) - 2 * o * tcs * dtc
+        gtop = top_diffs[0].reshape(T, N, H)
+        dgates, rgates = xp.empty((T, N, 4 * H), dtype=self.dtype), xp.empty((T, N, 4 * H), dtype=self.dtype)
+        dh_next = rdh_next = dc = rdc = 0
+        for s in range(T - 1, -1, -1):
+            dh, rdh = gtop[s] + dh_next, rdh_next
+            dct = dh * oc[s] + dc
+            rdct = rdh * oc[s] + dh * roc[s] + rdc
+            d, r = dgates[s], rgates[s]
+            for k in range(4):
+                a, ra = (dh, rdh) if k == 2 else (dct, rdct)
+                sl = slice(k * H, (k + 1) * H)
+                d[:, sl] = a * P[s, :, sl]
+                r[:, sl] = ra * P[s, :, sl] + a * RP[s, :, sl]
+            dc, rdc = dct * f[s], rdct * f[s] + dct * df[s]
+            c = cont[s][:, None]
+            dh_next = c * (d @ W)
+            r2 = r @ W
+            if pt[-1] is not None:
+                r2 = r2 + d @ pt[-1]
+            rdh_next = c * r2
+        rb, rp = self._input_backward_jvp(dgates, rgates, propagate_down, bottom, t.bottom, pt)
+        if self.param_propagate_down[len(self.blobs) - 1]:
+            dhc = cont[:, :, None] * self._previous(dh0, dhs)
+            rp[-1] = (rgates.reshape(n, 4 * H).T @ hc.reshape(n, H)
+                      + dgates.reshape(n, 4 * H).T @ dhc.reshape(n, H))
+        return rb, rp
 
     def backward(self, top, propagate_down, bottom):
         self._check_backward(propagate_down, bottom)
@@ -640,6 +814,46 @@ class LSTMUnitLayer(Layer):
         tc = xp.tanh(f * c_prev + i * g)
         dh = do * tc + o * (one - tc * tc) * dc
         return [dc.reshape(1, N, D).astype(self.dtype, copy=False), dh.reshape(1, N, D).astype(self.dtype, copy=False)]
+
+    def backward_jvp(self, top, propagate_down, bottom, top_diffs, t):
+        """Caffe's backward differentiated along dc_prev and dX, the top
+        diffs (dc, dh) fixed: with dc_term = dh o (1 - tanh(c)^2) + dc,
+        R{dc_term} = dh (do (1 - tanh(c)^2) - 2 o tanh(c) d tanh(c)), each
+        gate gradient a * P gives R{a} P + a R{P} (R{i (1 - i)} = (1 - 2i)
+        di, R{f (1 - f)} = (1 - 2f) df with the cont-scaled f, R{1 - g^2} =
+        -2 g dg) and R{dc_prev} = R{dc_term} f + dc_term df."""
+        xp = self.xp
+        N, D = self.N, self.D
+        if not (propagate_down[0] or propagate_down[1]):
+            return [None] * 3, []
+        a = self._acts(bottom)
+        i, f, o, g = a[:, :D], a[:, D:2 * D], a[:, 2 * D:3 * D], a[:, 3 * D:]
+        c_prev = bottom[0].data.reshape(N, D)
+        cont = bottom[2].data.reshape(N, 1)
+        dc_prev = (t.bottom[0].reshape(N, D) if t.bottom[0] is not None
+                   else xp.zeros((N, D), dtype=self.dtype))
+        dX = (t.bottom[1].reshape(N, 4 * D) if t.bottom[1] is not None
+              else xp.zeros((N, 4 * D), dtype=self.dtype))
+        s = f / xp.where(cont == 0, 1, cont)  # the unscaled forget sigmoid
+        di, df = i * (1 - i) * dX[:, :D], f * (1 - s) * dX[:, D:2 * D]
+        do, dg = o * (1 - o) * dX[:, 2 * D:3 * D], (1 - g * g) * dX[:, 3 * D:]
+        tc = self._tanh_c
+        dtc = (1 - tc * tc) * (df * c_prev + f * dc_prev + di * g + i * dg)
+        dh, dc = top_diffs[1].reshape(N, D), top_diffs[0].reshape(N, D)
+        dct = dh * o * (1 - tc * tc) + dc
+        rdct = dh * (do * (1 - tc * tc) - 2 * o * tc * dtc)
+        lf = f * (1 - f)
+        rgates = xp.concatenate([
+            rdct * g * i * (1 - i) + dct * (dg * i * (1 - i) + g * (1 - 2 * i) * di),
+            rdct * c_prev * lf + dct * (dc_prev * lf + c_prev * (1 - 2 * f) * df),
+            dh * (dtc * o * (1 - o) + tc * (1 - 2 * o) * do),
+            rdct * i * (1 - g * g) + dct * (di * (1 - g * g) - 2 * i * g * dg)], axis=1)
+        rb = [None, None, None]
+        if propagate_down[0]:
+            rb[0] = (rdct * f + dct * df).reshape(1, N, D)
+        if propagate_down[1]:
+            rb[1] = rgates.reshape(1, N, 4 * D)
+        return rb, []
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[2]:
