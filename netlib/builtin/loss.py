@@ -184,12 +184,29 @@ class LossLayer(Layer, _LabelMixin):
             top[1].share_data(self._prob)
 
 
-def _prob_top_tangent(layer, bottom, top, tangents):
-    """JVP of a softmax loss's probabilities top: dp = p (dz - <p, dz>) along the class axis."""
+def _softmax_tangent(layer, dz):
+    """dp = p (dz - <p, dz>) along the class axis of a softmax loss, (outer, C, inner)."""
     p = layer._prob.data.reshape(layer._shape3())
-    dz = tangents[0].reshape(layer._shape3())
-    dp = p * (dz - layer.xp.einsum("ocj,ocj->oj", p, dz)[:, None, :])
-    return [dp.reshape(bottom[0].shape).astype(layer.dtype, copy=False)]
+    dz = dz.reshape(layer._shape3())
+    return p * (dz - layer.xp.einsum("ocj,ocj->oj", p, dz)[:, None, :])
+
+
+def _prob_top_tangent(layer, bottom, top, tangents):
+    """JVP of a softmax loss's probabilities top."""
+    return [_softmax_tangent(layer, tangents[0]).reshape(bottom[0].shape).astype(layer.dtype, copy=False)]
+
+
+def _normalized_rop(layer, out, valid, top_diff, shape):
+    """The tail of the per-position softmax losses' second-order rules:
+    ``out`` (outer, C, inner) zeroed where the label is ignored, divided by
+    Caffe's normalizer over the valid count, times the loss's top diff."""
+    count = layer.outer * layer.inner
+    if valid is not None:
+        out = out * valid[:, None, :]
+        count = int(valid.sum())
+    norm = _normalizer(layer.normalization, layer.outer, layer.inner, count)
+    out = out * (top_diff.reshape(()) / layer.dtype.type(norm))
+    return out.reshape(shape).astype(layer.dtype, copy=False)
 
 
 @register_layer("SoftmaxWithLoss")
@@ -243,18 +260,9 @@ class SoftmaxWithLossLayer(LossLayer):
         d(dx) = w p (dz - <p, dz>) / norm there (the softmax's Hessian)."""
         if not propagate_down[0] or t.bottom[0] is None:
             return [None, None], []
-        xp = self.xp
-        p = self._prob.data.reshape(self._shape3())
-        dz = t.bottom[0].reshape(self._shape3())
-        out = p * (dz - xp.einsum("ocj,ocj->oj", p, dz)[:, None, :])
+        out = _softmax_tangent(self, t.bottom[0])
         _, valid = self._labels(bottom[1], (self.outer, self.inner), self.channels, bottom)
-        count = self.outer * self.inner
-        if valid is not None:
-            out = out * valid[:, None, :]
-            count = int(valid.sum())
-        norm = _normalizer(self.normalization, self.outer, self.inner, count)
-        out = out * (top_diffs[0].reshape(()) / self.dtype.type(norm))
-        return [out.reshape(bottom[0].shape).astype(self.dtype, copy=False), None], []
+        return [_normalized_rop(self, out, valid, top_diffs[0], bottom[0].shape), None], []
 
     def backward(self, top, propagate_down, bottom):
         self._refuse_label_backward(propagate_down, bottom)
@@ -817,24 +825,16 @@ class InfogainLossLayer(LossLayer):
         dH = t.bottom[2] if len(bottom) > 2 and len(t.bottom) > 2 else None
         if not propagate_down[0] or (dz is None and dH is None):
             return none, []
-        xp = self.xp
         H = self._matrix(bottom)
         safe, valid = self._labels(bottom[1], (self.outer, self.inner), self.channels, bottom)
         p = self._prob.data.reshape(self._shape3())
         out = 0
         if dz is not None:
-            dz = dz.reshape(self._shape3())
-            out = p * (dz - xp.einsum("ocj,ocj->oj", p, dz)[:, None, :]) * H.sum(axis=1)[safe][:, None, :]
+            out = _softmax_tangent(self, dz) * H.sum(axis=1)[safe][:, None, :]
         if dH is not None:
             dH = dH.reshape(self.channels, self.channels)
             out = out + p * dH.sum(axis=1)[safe][:, None, :] - dH[safe].transpose(0, 2, 1)
-        count = self.outer * self.inner
-        if valid is not None:
-            out = out * valid[:, None, :]
-            count = int(valid.sum())
-        norm = _normalizer(self.normalization, self.outer, self.inner, count)
-        out = out * (top_diffs[0].reshape(()) / self.dtype.type(norm))
-        return [out.reshape(bottom[0].shape).astype(self.dtype, copy=False)] + none[1:], []
+        return [_normalized_rop(self, out, valid, top_diffs[0], bottom[0].shape)] + none[1:], []
 
     def backward(self, top, propagate_down, bottom):
         self._refuse_label_backward(propagate_down, bottom, indices=(1, 2))
