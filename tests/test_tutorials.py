@@ -185,21 +185,46 @@ def test_lenet_short_run(tmp_path, monkeypatch, mnist_dir):
     assert accuracy_of(net, data, labels) == pytest.approx(accs[0][1], abs=1e-4)
 
 
-@pytest.mark.slow
-def test_lenet_full_tutorial(tmp_path, monkeypatch, mnist_dir):
-    """Caffe's LeNet tutorial unchanged (Data layers over the LMDBs that
-    ``netlib data mnist`` writes): >= 99.0% test accuracy after 10,000
-    iterations of batch 64, and about 98.5% after 2,000.
+#: Caffe's settings; only the seed is fixed so the run (and the test) is reproducible.
+SEEDED = ("solver_mode: CPU", "solver_mode: CPU\nrandom_seed: 1701")
+
+
+def test_lenet_tutorial_first_2000_iterations(tmp_path, monkeypatch, mnist_dir):
+    """Caffe's LeNet tutorial (Data layers over the LMDBs that ``netlib data
+    mnist`` writes) for its first 2,000 iterations: the ``inv`` policy does
+    not depend on max_iter, so these are exactly the full run's first 2,000
+    (its tests at 500..2,000 included); about 98.5% there.
 
     At 2,000 iterations the seed moves the accuracy by +-0.15%, in real
     Caffe as here (benchmarks/bench_lenet_lmdb.py measures it over seeds: the
     mean is 98.6% in both); with Caffe's seed 1701 netlib gets 98.43%, so the
-    check at 2,000 allows that band."""
+    check allows that band.  The 10,000 iterations run in
+    :func:`test_lenet_full_tutorial` (NETLIB_SLOW_TESTS=1: 7 minutes on 2
+    cores, half the suite's budget)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NETLIB_NO_PROGRESS", "1")
-    # Caffe's settings; only the seed is fixed so the run (and the test) is reproducible.
-    text, elapsed = lenet_run(tmp_path, mnist_dir, [("solver_mode: CPU", "solver_mode: CPU\nrandom_seed: 1701")],
-                              "lenet.log")
+    text, elapsed = lenet_run(tmp_path, mnist_dir, [SEEDED, ("max_iter: 10000", "max_iter: 2000"),
+                                                    ("snapshot: 5000", "snapshot: 1000")], "lenet2000.log")
+    print("LeNet 2000 iterations: %.1f s" % elapsed)
+    accs = test_accuracies(text)
+    assert [a[0] for a in accs] == [0, 500, 1000, 1500, 2000], accs
+    assert accs[0][1] < 0.3 and accs[1][1] >= 0.97 and accs[-1][1] >= 0.984, accs
+    for it in (1000, 2000):
+        assert os.path.isfile(os.path.join("models", "lenet", "lenet_iter_%d.caffemodel" % it))
+        assert os.path.isfile(os.path.join("models", "lenet", "lenet_iter_%d.solverstate" % it))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("NETLIB_SLOW_TESTS"),
+                    reason="the full 10,000-iteration LeNet tutorial (7 minutes on 2 cores) runs with "
+                           "NETLIB_SLOW_TESTS=1; its first 2,000 iterations run always")
+def test_lenet_full_tutorial(tmp_path, monkeypatch, mnist_dir):
+    """Caffe's LeNet tutorial unchanged: >= 99.0% test accuracy after 10,000
+    iterations of batch 64 (netlib: 99.08% with seed 1701), and the
+    snapshots at 5,000 and 10,000."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NETLIB_NO_PROGRESS", "1")
+    text, elapsed = lenet_run(tmp_path, mnist_dir, [SEEDED], "lenet.log")
     print("LeNet 10000 iterations: %.1f s" % elapsed)
     accs = test_accuracies(text)
     assert dict(accs)[2000] >= 0.984, accs
