@@ -22,7 +22,8 @@ from .net import Net  # noqa: F401
 from .random import set_random_seed  # noqa: F401
 from .python_layer import set_python_layers_allowed  # noqa: F401
 from .runtime import (init_log, log, Timer, solver_count, set_solver_count, solver_rank,  # noqa: F401
-                      set_solver_rank, set_multiprocess, has_nccl, NCCL)
+                      set_solver_rank, set_multiprocess)
+from .nccl import has_nccl, NCCL  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -9,12 +9,18 @@ itself when it imports; :func:`register_device_module` adds another (the test
 suite's CPU stand-in for CuPy, tests/fakecupy.py) and :func:`set_mode_device`
 creates new nets and blobs on it.
 """
+import importlib
+import os
+
 import numpy
 
 try:  # CuPy is optional: the GPU backend.
     import cupy  # type: ignore
 except Exception:  # pragma: no cover - no GPU stack here
     cupy = None
+if os.environ.get("NETLIB_GPU_MODULE"):
+    # A test's CuPy stand-in (tests/fakecupy.py) in the processes it starts (netlib train --gpu 0,1).
+    cupy = importlib.import_module(os.environ["NETLIB_GPU_MODULE"])
 
 _mode = {"xp": numpy, "device": 0}
 _device_modules = []

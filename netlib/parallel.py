@@ -75,6 +75,8 @@ class World:
     """The MPI communicator of a data-parallel run: ``rank``, ``size`` and the
     few collectives the solver needs, all on NumPy buffers."""
 
+    xp = numpy  # the module of the buffers the collectives take (host memory)
+
     def __init__(self, comm):
         self.comm = comm
         self.rank = comm.Get_rank()
@@ -160,7 +162,14 @@ def world():
         raise ConfigError("the launcher started %d ranks but MPI reports %d: mpi4py is built for another MPI "
                           "than the mpirun used; use the mpirun of the MPI that mpi4py loads (pip install "
                           "mpich gives both)" % (size, comm.Get_size()))
-    w = World(comm)
+    return set_world(World(comm))
+
+
+def set_world(w):
+    """Make ``w`` (a :class:`World`, or :class:`netlib.nccl.NcclWorld`) this
+    process's data-parallel world: pycaffe's solver count, rank and
+    multiprocess flag follow it, and ranks other than 0 log warnings and
+    errors only.  Solvers built afterwards synchronise over it."""
     runtime.set_solver_count(w.size)
     runtime.set_solver_rank(w.rank)
     runtime.set_multiprocess(True)
@@ -193,10 +202,19 @@ def _host(array):
     return array if isinstance(array, numpy.ndarray) else array.get()
 
 
+def _staged(w, array):
+    """``array`` flattened, in the memory the world's collectives take."""
+    if w.xp is numpy:
+        return _host(array).ravel()
+    from .backend import get_array_module
+    return array.ravel() if get_array_module(array) is w.xp else w.xp.asarray(_host(array)).ravel()
+
+
 class GradientSync:
     """The solver callback of a data-parallel run (Caffe's NCCL/P2PSync).
 
-    ``on_gradients_ready`` packs the learnable diffs into one buffer (plus
+    ``on_gradients_ready`` packs the learnable diffs into one buffer (host
+    memory over MPI, device memory over NCCL; plus
     one slot counting ranks whose loss was not finite), all-reduces it
     (sum), scales the diffs by 1/N and unpacks them.  ``comm_seconds`` and
     ``iterations`` measure the all-reduce.
@@ -207,7 +225,7 @@ class GradientSync:
         self.params = list(solver.net.learnable_params)
         self.sizes = [int(b.count) for b in self.params]
         dtype = self.params[0].dtype if self.params else numpy.float32
-        self.buffer = numpy.zeros(sum(self.sizes) + 1, dtype=dtype)
+        self.buffer = w.xp.zeros(sum(self.sizes) + 1, dtype=dtype)   # host for MPI, device for NCCL
         self.scale = dtype.type(1.0 / w.size)
         self.local_bad = False
         self.bad_ranks = 0
@@ -233,7 +251,7 @@ class GradientSync:
         flat = self.buffer[:-1]
         if w.is_root:
             for blob, n in zip(self.params, self.sizes):
-                flat[offset:offset + n] = _host(blob.data).ravel()
+                flat[offset:offset + n] = _staged(w, blob.data)
                 offset += n
         w.bcast_array(flat)
         self._unpack(flat, "data")
@@ -252,7 +270,10 @@ class GradientSync:
         for blob, n in zip(self.params, self.sizes):
             target = getattr(blob, field)
             chunk = flat[offset:offset + n].reshape(blob.shape)
-            target[...] = chunk if blob.xp is numpy else blob.xp.asarray(chunk)
+            if blob.xp is self.world.xp:
+                target[...] = chunk
+            else:
+                target[...] = blob.xp.asarray(_host(chunk)) if blob.xp is not numpy else _host(chunk)
             offset += n
 
     # -- the solver callback -----------------------------------------------------------
@@ -263,14 +284,14 @@ class GradientSync:
         buf = self.buffer
         offset = 0
         for blob, n in zip(self.params, self.sizes):
-            buf[offset:offset + n] = _host(blob.diff).ravel()
+            buf[offset:offset + n] = _staged(self.world, blob.diff)
             offset += n
         buf[-1] = 1 if self.local_bad else 0
         t0 = time.perf_counter()
         self.world.allreduce_sum(buf)
+        self.bad_ranks = int(round(float(buf[-1])))   # (on a device: waits for the all-reduce)
         self.comm_seconds += time.perf_counter() - t0
         self.iterations += 1
-        self.bad_ranks = int(round(float(buf[-1])))
         flat = buf[:-1]
         flat *= self.scale
         self._unpack(flat, "diff")

@@ -5,8 +5,8 @@ stderr.  ``solver_count``/``solver_rank``/``set_multiprocess`` hold the state
 pycaffe's multi-GPU ``train.py`` sets.  Under ``mpirun`` netlib sets them
 itself from MPI (:mod:`netlib.parallel`) and trains data-parallel; set by
 hand, they shard the TRAIN data readers as in Caffe (rank r of N keeps the
-read positions p with p % N == r).  Gradients travel over MPI, not NCCL:
-``has_nccl()`` is False and :class:`NCCL` raises, pointing to ``mpirun``.
+read positions p with p % N == r).  pycaffe's ``NCCL`` and ``has_nccl``
+live in :mod:`netlib.nccl` (several GPUs of one node).
 """
 import logging
 import time
@@ -114,30 +114,3 @@ def set_multiprocess(multiprocess):
 
 def multiprocess():
     return _state["multiprocess"]
-
-
-def has_nccl():
-    """False: netlib all-reduces gradients over MPI (mpirun, :mod:`netlib.parallel`), not NCCL."""
-    return False
-
-
-class NCCL:
-    """pycaffe's ``caffe.NCCL(solver, uid)``: netlib has no NCCL.
-
-    Constructing one (or asking for ``new_uid()``) raises, so a pycaffe
-    multi-GPU script fails at once rather than training each replica on its
-    own.  netlib's multi-process training is MPI: run the script (or
-    ``netlib train``) under ``mpirun -n N``; the solver then synchronises by
-    itself (:mod:`netlib.parallel`).
-    """
-
-    _MESSAGE = ("caffe.NCCL: netlib has no NCCL (has_nccl() is False); for data-parallel training run "
-                "under MPI instead: mpirun -n N python your_script.py (or mpirun -n N netlib train "
-                "--solver S), where netlib's solvers all-reduce the gradients themselves")
-
-    def __init__(self, solver=None, uid=None):
-        raise ConfigError(self._MESSAGE)
-
-    @staticmethod
-    def new_uid():
-        raise ConfigError(NCCL._MESSAGE)

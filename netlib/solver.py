@@ -255,8 +255,12 @@ class Solver(abc.ABC):
 
     @property
     def is_root(self):
-        """Whether this solver logs, tests and snapshots (rank 0, or no MPI)."""
-        return self.world is None or self.world.is_root
+        """Whether this solver tests and snapshots: rank 0 of its data-parallel
+        world; without one, pycaffe's ``solver_rank() == 0`` (Caffe's root solver)."""
+        if self.world is not None:
+            return self.world.is_root
+        from . import runtime
+        return runtime.solver_rank() == 0
 
     # -- construction --------------------------------------------------------------
     def _check_snapshot_write_permissions(self):

@@ -25,7 +25,8 @@ Its ``ndarray`` wraps a NumPy array (the "device memory") and reproduces:
   ``__cuda_array_interface__`` gives the data pointer.
 
 Not reproduced: asynchrony and streams, kernels (ElementwiseKernel,
-RawKernel), ``cupyx``, ``cupy.cuda``, memory pools, ``.data`` (a device
+RawKernel), ``cupyx``, ``cupy.cuda`` beyond the device count and choice
+(``FAKECUPY_DEVICES``, default 2) and a current stream, memory pools, ``.data`` (a device
 pointer object), dtype limits (CuPy has no object or string arrays), and
 float rounding differences of real GPU math: numbers are NumPy's.  Only the
 namespace subset netlib uses exists; anything else is an AttributeError.
@@ -467,3 +468,34 @@ def _as_strided(x, shape=None, strides=None):
 
 lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(as_strided=_as_strided))
 
+
+
+class _Device:
+    """``cupy.cuda.Device``: ``use()`` records the current id; nothing runs asynchronously."""
+
+    def __init__(self, device=None):
+        self.id = _current["device"] if device is None else int(device)
+
+    def use(self):
+        if not 0 <= self.id < _device_count():
+            raise RuntimeError("fakecupy: invalid device ordinal %d (FAKECUPY_DEVICES=%d)"
+                               % (self.id, _device_count()))
+        _current["device"] = self.id
+
+    def synchronize(self):
+        pass
+
+
+def _device_count():
+    import os
+    return int(os.environ.get("FAKECUPY_DEVICES", "2"))
+
+
+_current = {"device": 0}
+
+#: The corner of ``cupy.cuda`` netlib touches: the device count and choice, and the current stream
+#: (pointer 0, the default stream; the fake has no asynchrony).
+cuda = types.SimpleNamespace(
+    Device=_Device,
+    runtime=types.SimpleNamespace(getDeviceCount=_device_count, getDevice=lambda: _current["device"]),
+    get_current_stream=lambda: types.SimpleNamespace(ptr=0))

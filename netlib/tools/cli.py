@@ -79,7 +79,8 @@ flags (--flag=value, --flag value or -flag value):
   --phase         network phase (TRAIN or TEST); used by time (default TRAIN) and test (default TEST)
   --level         network level (default 0)
   --stage         comma-separated network stages
-  --gpu           GPU device ids ('0', '0,1' or 'all'); the first one is used. Default: CPU
+  --gpu           GPU device ids ('0', '0,1' or 'all'). Several: train starts one process per GPU over
+                  NCCL (under mpirun, rank r takes the r-th id). Default: CPU
   --sigint_effect action on SIGINT during train: stop, snapshot or none (default stop)
   --sighup_effect action on SIGHUP during train: stop, snapshot or none (default snapshot)
   --log           also write the log to this file
@@ -315,10 +316,24 @@ def _parse_gpus(text):
         raise UsageError("--gpu takes device ids such as 0 or 0,1 or 'all', got %r" % text) from None
 
 
-def select_device(gpu_flag, solver_param=None):
+def _check_devices(gpus):
+    """Every id names a CUDA device (before processes start for them)."""
+    from ..errors import ConfigError
+    from .. import backend
+    backend.set_mode_gpu()             # the clear "needs CuPy / no device" errors
+    count = backend.cupy.cuda.runtime.getDeviceCount()
+    bad = [g for g in gpus if not 0 <= g < count]
+    if bad:
+        raise ConfigError("--gpu %s: there %s %d CUDA device%s (ids 0..%d)" % (
+            ",".join(str(g) for g in gpus), "is" if count == 1 else "are", count, "" if count == 1 else "s",
+            count - 1))
+
+
+def select_device(gpu_flag, solver_param=None, rank=None):
     """Caffe's device choice: --gpu wins; else a solver file that explicitly
     says ``solver_mode: GPU`` asks for its ``device_id`` (netlib falls back to
-    the CPU with a warning when CuPy is missing); else the CPU."""
+    the CPU with a warning when CuPy is missing); else the CPU.  Rank r of a
+    data-parallel run (MPI, or ``rank`` of an NCCL run) takes the r-th id."""
     from .. import backend
     gpus = _parse_gpus(gpu_flag) if gpu_flag else []
     explicit = bool(gpus)
@@ -337,12 +352,15 @@ def select_device(gpu_flag, solver_param=None):
         backend.set_mode_gpu()             # the clear "needs CuPy" error, before anything else
     from .. import parallel
     w = parallel.world()
-    if len(gpus) > 1 and w is None:
+    if len(gpus) > 1 and w is None and rank is None:
         from ..errors import ConfigError
-        raise ConfigError("--gpu %s: netlib trains on several GPUs with one process per GPU, over MPI: "
-                          "mpirun -n %d netlib train --solver ... --gpu %s (rank r uses the r-th id)"
+        raise ConfigError("--gpu %s: several GPUs need NCCL (CuPy built with it; has_nccl() is False here) or "
+                          "MPI: mpirun -n %d netlib train --solver ... --gpu %s (rank r uses the r-th id)"
                           % (gpu_flag, len(gpus), gpu_flag))
-    device = gpus[w.rank % len(gpus)] if w is not None else gpus[0]
+    if rank is not None:
+        device = gpus[rank % len(gpus)]
+    else:
+        device = gpus[w.rank % len(gpus)] if w is not None else gpus[0]
     log.info("Using GPUs %s", ", ".join(str(g) for g in gpus))
     backend.set_mode_gpu()
     backend.set_device(device)
@@ -409,11 +427,49 @@ def _make_solver(param, path):
     return get_solver(param, solver_path=path)
 
 
+def _child_argv(argv):
+    """``argv`` for the other ranks of a ``--gpu a,b`` run: the same, less
+    ``--log`` (rank 0 alone writes the log)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--log":
+            skip = True
+        elif not a.startswith("--log="):
+            out.append(a)
+    return out
+
+
 def cmd_train(args):
+    """``netlib train``; with ``--gpu a,b`` and no mpirun, one process per GPU over NCCL (netlib.nccl)."""
+    from .. import nccl, parallel
+    parallel.world()        # under mpirun: rank and size first, so only rank 0 logs from here on
+    joined = nccl.environment_rank()
+    if joined is not None and joined[0] > 0:
+        logging.getLogger("netlib").setLevel(logging.WARNING)
+    gpus = _parse_gpus(args.gpu) if args.gpu else []
+    children = []
+    if joined is None and len(gpus) > 1 and parallel.world() is None and nccl.has_nccl():
+        _need("solver", args.solver, "train")
+        _check_devices(gpus)
+        children, joined = nccl.start_ranks(_child_argv(getattr(args, "argv", [])), gpus)
+    failed = True
+    try:
+        code = _train(args, joined)
+        failed = False
+    finally:
+        status = nccl.join_ranks(children, failed) if children else 0
+    if status:
+        from ..errors import SolverError
+        raise SolverError("--gpu %s: another rank ended with status %d (its error is above)" % (args.gpu, status))
+    return code
+
+
+def _train(args, joined):
     from ..solver import read_solver
     from .. import parallel
     _need("solver", args.solver, "train")
-    parallel.world()        # under mpirun: rank and size first, so only rank 0 logs from here on
     if args.snapshot and args.weights:
         raise UsageError("give --snapshot to resume training or --weights to finetune, not both")
     param, path = read_solver(args.solver)
@@ -428,7 +484,10 @@ def cmd_train(args):
     elif args.weights:
         param.ClearField("weights")
         param.weights.append(args.weights)
-    select_device(args.gpu, param)
+    select_device(args.gpu, param, rank=joined[0] if joined else None)
+    if joined:
+        from ..nccl import NcclWorld
+        parallel.set_world(NcclWorld(joined[1], joined[2], joined[0]))
     with SignalHandler(args.sigint_effect, args.sighup_effect) as handler:
         log.info("Starting Optimization")
         solver = _make_solver(param, path)
@@ -713,6 +772,7 @@ def _main(argv=None):
             with logging_to(""):
                 return tool.main(argv[1:])
         args = parse_args(argv)
+        args.argv = argv
         if args.help or args.command == "help":
             sys.stdout.write(USAGE)
             return 0
