@@ -129,6 +129,21 @@ class World:
         from mpi4py import MPI
         self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
+    def iallreduce_sum(self, buf):
+        """Start summing ``buf`` over the ranks, in place; returns the request."""
+        from mpi4py import MPI
+        return self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+    @staticmethod
+    def progress(requests):
+        from mpi4py import MPI
+        MPI.Request.Testall(requests)
+
+    @staticmethod
+    def wait_all(requests):
+        from mpi4py import MPI
+        MPI.Request.Waitall(requests)
+
     def bcast_array(self, buf, root=0):
         self.comm.Bcast(buf, root=root)
 
@@ -210,6 +225,23 @@ def _staged(w, array):
     return array.ravel() if get_array_module(array) is w.xp else w.xp.asarray(_host(array)).ravel()
 
 
+#: Bucket size of the overlapped all-reduce, in bytes of gradient per non-blocking all-reduce
+#: (``NETLIB_BUCKET_BYTES``; Horovod's fusion threshold).  Smaller buckets start earlier and cost more calls.
+BUCKET_BYTES = int(os.environ.get("NETLIB_BUCKET_BYTES", 1 << 20))
+
+
+def _ready_layers(net):
+    """For each learnable parameter (net.learnable_params order), the index
+    of the layer after whose backward its diff is final: the lowest-index
+    layer using it (backward runs from the last layer down)."""
+    ready = {}
+    for net_id, (li, _) in enumerate(net._param_layer_indices):
+        owner = net._param_owner[net_id]
+        l = net._learnable_param_ids.index(owner if owner >= 0 else net_id)
+        ready[l] = min(ready.get(l, li), li)
+    return [ready[l] for l in range(len(net.learnable_params))]
+
+
 class GradientSync:
     """The solver callback of a data-parallel run (Caffe's NCCL/P2PSync).
 
@@ -217,12 +249,25 @@ class GradientSync:
     memory over MPI, device memory over NCCL; plus
     one slot counting ranks whose loss was not finite), all-reduces it
     (sum), scales the diffs by 1/N and unpacks them.  ``comm_seconds`` and
-    ``iterations`` measure the all-reduce.
+    ``iterations`` measure the all-reduce (the time the solver waits for it).
+
+    Over MPI with the solver's ``layer_wise_reduce`` (Caffe's field, true by
+    default) the all-reduce overlaps the last ``iter_size`` pass's backward:
+    the buffer is laid out in the order the diffs become final, cut into
+    buckets of about :data:`BUCKET_BYTES` (Horovod's fusion), and each bucket
+    starts a non-blocking all-reduce (``Iallreduce``) from the net's
+    ``after_backward`` hook as soon as the backward of the last layer using
+    its parameters is done; ``on_gradients_ready`` then waits for them.  The
+    sums are the same numbers as one all-reduce of the whole buffer.
     """
 
-    def __init__(self, solver, w):
+    def __init__(self, solver, w, bucket_bytes=None):
         self.solver, self.world = solver, w
-        self.params = list(solver.net.learnable_params)
+        net = solver.net
+        params = list(net.learnable_params)
+        ready = _ready_layers(net) if params else []
+        order = sorted(range(len(params)), key=lambda l: -ready[l])   # stable: net order within a layer
+        self.params = [params[l] for l in order]
         self.sizes = [int(b.count) for b in self.params]
         dtype = self.params[0].dtype if self.params else numpy.float32
         self.buffer = w.xp.zeros(sum(self.sizes) + 1, dtype=dtype)   # host for MPI, device for NCCL
@@ -231,6 +276,46 @@ class GradientSync:
         self.bad_ranks = 0
         self.comm_seconds = 0.0
         self.iterations = 0
+        self.last_pass = True          # the solver says which iter_size pass is the last
+        self.overlap = bool(getattr(solver.param, "layer_wise_reduce", False)) and hasattr(w, "iallreduce_sum") \
+            and bool(self.params)
+        if self.overlap:
+            self._buckets = self._plan(bucket_bytes or BUCKET_BYTES, [ready[l] for l in order], dtype.itemsize)
+            self._next, self._requests = 0, []
+            self._flag = numpy.zeros(1, dtype=dtype)
+            net.after_backward(self._layer_done)
+
+    def _plan(self, bucket_bytes, ready, itemsize):
+        """[(start, end, layer)]: contiguous slices of the buffer, each to be
+        all-reduced once the backward of ``layer`` is done."""
+        buckets, start, offset = [], 0, 0
+        for k, (n, layer) in enumerate(zip(self.sizes, ready)):
+            offset += n
+            last = k == len(self.sizes) - 1
+            if last or ((offset - start) * itemsize >= bucket_bytes and ready[k + 1] != layer):
+                buckets.append((start, offset, layer, k + 1))
+                start = offset
+        return buckets
+
+    def _layer_done(self, i):
+        """after_backward hook: start the buckets whose parameters are final."""
+        if not self.last_pass:
+            return
+        self._start(i)
+        if self._requests:
+            self.world.progress(self._requests)       # MPICH moves non-blocking collectives inside MPI calls
+
+    def _start(self, i):
+        buf = self.buffer
+        while self._next < len(self._buckets) and self._buckets[self._next][2] >= i:
+            start, end, _, upto = self._buckets[self._next]
+            first = self._buckets[self._next - 1][3] if self._next else 0
+            offset = start
+            for blob, n in zip(self.params[first:upto], self.sizes[first:upto]):
+                buf[offset:offset + n] = _staged(self.world, blob.diff)
+                offset += n
+            self._requests.append(self.world.iallreduce_sum(buf[start:end]))
+            self._next += 1
 
     @property
     def nbytes(self):
@@ -263,7 +348,9 @@ class GradientSync:
         base = w.bcast_json(int(nrandom.get_rng().integers(0, 2 ** 63)) if w.is_root else None)
         nrandom.set_random_seed(numpy.random.SeedSequence([base, w.rank]).generate_state(1, numpy.uint64)[0])
         log.info("Data-parallel training on %d ranks: %d learnable parameters (%.1f MB) all-reduced per "
-                 "iteration", w.size, sum(self.sizes), self.buffer.nbytes / 1e6)
+                 "iteration %s", w.size, sum(self.sizes), self.buffer.nbytes / 1e6,
+                 "in %d buckets overlapping backward" % len(self._buckets) if self.overlap
+                 else "after backward")
 
     def _unpack(self, flat, field):
         offset = 0
@@ -278,10 +365,26 @@ class GradientSync:
 
     # -- the solver callback -----------------------------------------------------------
     def on_start(self):
-        pass
+        if self.overlap and self._requests:     # a backward outside the solver's loop started buckets
+            self.world.wait_all(self._requests)
+            self._next, self._requests = 0, []
 
     def on_gradients_ready(self):
         buf = self.buffer
+        if self.overlap:
+            t0 = time.perf_counter()
+            self._start(-1)                     # any bucket no hook started (a net run without hooks)
+            self.world.wait_all(self._requests)
+            self._next, self._requests = 0, []
+            self._flag[0] = 1 if self.local_bad else 0
+            self.world.allreduce_sum(self._flag)
+            self.bad_ranks = int(round(float(self._flag[0])))
+            self.comm_seconds += time.perf_counter() - t0
+            self.iterations += 1
+            flat = buf[:-1]
+            flat *= self.scale
+            self._unpack(flat, "diff")
+            return
         offset = 0
         for blob, n in zip(self.params, self.sizes):
             buf[offset:offset + n] = _staged(self.world, blob.diff)

@@ -604,7 +604,9 @@ class Solver(abc.ABC):
             self.net.debug_info = bool(display and p.debug_info)
             loss = f(0)
             bad = None
-            for _ in range(p.iter_size):
+            for k in range(p.iter_size):
+                if self._sync is not None:     # the overlapped all-reduce starts in the last pass's backward
+                    self._sync.last_pass = k == p.iter_size - 1
                 one = self.net.forward_backward()
                 if not math.isfinite(one):
                     if self._sync is None:

@@ -99,11 +99,12 @@ def write_solver(folder, name, reader, batch, solver, max_iter=8, extra=""):
     return name + "_solver.prototxt"
 
 
-def train(folder, solver_file, ranks=1, extra=(), timeout=300):
+def train(folder, solver_file, ranks=1, extra=(), timeout=300, env=None):
     cmd = [sys.executable, "-m", "netlib", "train", "--solver", solver_file] + list(extra)
     if ranks > 1:
         cmd = [mpiexec(), "-n", str(ranks)] + cmd
-    return subprocess.run(cmd, cwd=folder, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=folder, env=dict(ENV, **(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def final_weights(path):
@@ -135,6 +136,69 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, reader, solv
                  final_weights(os.path.join(folder, "two", "w_iter_8.caffemodel.h5")))
     # only rank 0 logs at INFO, and it reports the all-reduce
     assert p2.stderr.count("Solving par") == 1 and "Data-parallel: all-reduce of" in p2.stderr
+
+
+@pytest.mark.parametrize("mode", ["buckets", "plain"])
+def test_overlapped_and_plain_all_reduce(tmp_path, mode):
+    """layer_wise_reduce (Caffe's default, as in the test above: one bucket here) with 256-byte buckets
+    (one non-blocking all-reduce per layer, started from the backward), and off (one after backward):
+    the same weights as one process with twice the batch."""
+    mpiexec()
+    folder = str(tmp_path)
+    make_work(folder, "hdf5")
+    single = write_solver(folder, "one", "hdf5", 8, "SGD")
+    double = write_solver(folder, "two", "hdf5", 4, "SGD",
+                          extra="layer_wise_reduce: false\n" if mode == "plain" else "")
+    p1 = train(folder, single)
+    assert p1.returncode == 0, p1.stderr
+    p2 = train(folder, double, ranks=2, env={"NETLIB_BUCKET_BYTES": "256"})
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    assert_close(final_weights(os.path.join(folder, "one", "w_iter_8.caffemodel.h5")),
+                 final_weights(os.path.join(folder, "two", "w_iter_8.caffemodel.h5")))
+    assert ("in 2 buckets overlapping backward" if mode == "buckets" else "after backward") in p2.stderr
+
+
+def test_buckets_follow_the_order_diffs_become_final():
+    """Shared parameters are final after their lowest-index user; buckets are contiguous, in backward order."""
+    from google.protobuf import text_format
+    from netlib import parallel
+    from netlib.proto import caffe_pb2
+    text = """
+    layer { name: "in" type: "Input" top: "x" top: "label" input_param { shape { dim: 2 dim: 3 } shape { dim: 2 } } }
+    layer { name: "a" type: "InnerProduct" bottom: "x" top: "a" param { name: "w" } param { name: "b" }
+            inner_product_param { num_output: 3 } }
+    layer { name: "mid" type: "InnerProduct" bottom: "a" top: "m" inner_product_param { num_output: 64 } }
+    layer { name: "c" type: "InnerProduct" bottom: "m" top: "c" inner_product_param { num_output: 3 } }
+    layer { name: "again" type: "InnerProduct" bottom: "c" top: "z" param { name: "w" } param { name: "b" }
+            inner_product_param { num_output: 3 } }
+    layer { name: "loss" type: "SoftmaxWithLoss" bottom: "z" bottom: "label" top: "loss" }
+    """
+    net = netlib.Net(text_format.Parse(text, caffe_pb2.NetParameter()), netlib.TRAIN)
+    assert parallel._ready_layers(net) == [1, 1, 2, 2, 3, 3]   # a/again's shared pair is final after layer 1
+
+    class FakeWorld:
+        xp, size, rank, is_root = np, 2, 0, True
+        started = []
+
+        def iallreduce_sum(self, buf):
+            self.started.append(buf.size)
+            return None
+
+        def progress(self, requests):
+            pass
+
+    class FakeSolver:
+        param = caffe_pb2.SolverParameter()   # layer_wise_reduce: true by default, as in Caffe
+    FakeSolver.net = net
+    sync = parallel.GradientSync(FakeSolver(), FakeWorld(), bucket_bytes=100)
+    # backward order: c (64*3 + 3), mid (3*64 + 64), then the shared a/again pair (9 + 3)
+    assert [p.count for p in sync.params] == [192, 3, 192, 64, 9, 3]
+    assert [(b[0], b[1], b[2]) for b in sync._buckets] == [(0, 195, 3), (195, 451, 2), (451, 463, 1)]
+    sync._layer_done(3)
+    assert FakeWorld.started == [195]
+    sync._layer_done(2)
+    sync._layer_done(1)
+    assert FakeWorld.started == [195, 256, 12]
 
 
 def test_resume_under_mpirun_continues_exactly(tmp_path):
