@@ -3,7 +3,8 @@
 ``NETLIB_TEST_XP=fakecupy python -m pytest tests/test_layers_*.py ...`` runs
 them on tests/fakecupy.py, a CPU stand-in for CuPy that refuses implicit
 conversion to NumPy, so a NumPy call on device data in netlib fails there as
-it would on a GPU.  Unset (or ``numpy``), everything runs on NumPy as usual.
+it would on a GPU; ``NETLIB_TEST_XP=cupy`` runs them on a real GPU.  Unset
+(or ``numpy``), everything runs on NumPy as usual.
 
 Tests use ``XP`` where they name an array module (``create_layer(..., xp=XP)``,
 ``Blob(shape, xp=XP)``), ``host(a)`` to read blob data back as NumPy before
@@ -24,8 +25,14 @@ if NAME == "numpy":
     XP = numpy
 elif NAME == "fakecupy":
     import fakecupy as XP
+elif NAME == "cupy":  # pragma: no cover - a real GPU (the device check of a session lent one)
+    try:
+        import cupy as XP
+        XP.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        raise RuntimeError("NETLIB_TEST_XP=cupy needs CuPy and a CUDA device: %s" % exc) from exc
 else:  # pragma: no cover - a typo in the environment
-    raise RuntimeError("NETLIB_TEST_XP=%r: use numpy or fakecupy" % NAME)
+    raise RuntimeError("NETLIB_TEST_XP=%r: use numpy, fakecupy or (on a GPU) cupy" % NAME)
 
 ON_DEVICE = XP is not numpy
 
